@@ -1,0 +1,34 @@
+# kdfine: `make demo` runs the example pipeline, `make test` the test suite.
+# Both create .venv on first use and install everything they need.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdfine-installed
+# A pinned pair that pip serves from the local cache; pyproject.toml itself only asks torch>=2.4.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench-quick completions man clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test,plot]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/pipeline.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+completions: $(STAMP)
+	$(BIN)/python scripts/gen_completions.py
+
+man: $(STAMP)
+	$(BIN)/python scripts/gen_man.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Data sources, label noise and on-device batching."""

@@ -1,0 +1,144 @@
+"""Devices and torchrun: launch detection, the process group, rank-0-only side effects, gathers.
+
+kdfine runs under ``torchrun`` with no extra flag: when torchrun's environment (``WORLD_SIZE`` > 1)
+is present, :func:`setup` joins the process group (nccl on CUDA, gloo on CPU) and pins each rank to
+``cuda:LOCAL_RANK``. Single-process runs never touch ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kdfine.errors import DeviceError, UsageError
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_ctx = Context()
+
+
+def context() -> Context:
+    return _ctx
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def resolve_device(option: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    Raises :class:`DeviceError` (exit 4) when the requested device is missing."""
+    opt = option.strip().lower()
+    if opt == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if opt == "cpu":
+        return torch.device("cpu")
+    if opt == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise DeviceError("--device mps: MPS is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    if opt == "cuda" or opt.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {option}: CUDA is not available on this machine "
+                              "(no GPU or no CUDA driver); use --device cpu")
+        n = torch.cuda.device_count()
+        if opt == "cuda":
+            return torch.device("cuda", local_rank % n)
+        try:
+            index = int(opt.split(":", 1)[1])
+        except ValueError:
+            raise UsageError(f"--device '{option}': expected auto, cpu, cuda, cuda:N or mps") from None
+        if not 0 <= index < n:
+            raise DeviceError(f"--device {option}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return torch.device("cuda", index)
+    raise UsageError(f"--device '{option}': expected auto, cpu, cuda, cuda:N or mps")
+
+
+def setup(device_option: str = "auto") -> Context:
+    """Resolve the device and, under torchrun, join the process group. Idempotent."""
+    global _ctx
+    if not launched_by_torchrun():
+        _ctx = Context(device=resolve_device(device_option))
+        return _ctx
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_option, local)
+    if device.type == "cuda" and device_option.strip().lower() in ("auto", "cuda"):
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    _ctx = Context(rank, world, local, device)
+    return _ctx
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if _ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks (in place) and return it; a no-op for a single process."""
+    if _ctx.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (e.g. a path read from stdin, or an error message)."""
+    if not _ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(n: int) -> tuple[int, int]:
+    """This rank's contiguous range ``[lo, hi)`` of ``n`` rows (sizes differ by at most one)."""
+    base, extra = divmod(n, _ctx.world_size)
+    lo = _ctx.rank * base + min(_ctx.rank, extra)
+    return lo, lo + base + (1 if _ctx.rank < extra else 0)
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's :func:`shard` of an ``n``-row tensor back into dataset order."""
+    if not _ctx.distributed:
+        return local
+    base, extra = divmod(n, _ctx.world_size)
+    size = base + (1 if extra else 0)
+    padded = torch.zeros((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(_ctx.world_size)]
+    dist.all_gather(parts, padded)
+    rows = [parts[r][: base + (1 if r < extra else 0)] for r in range(_ctx.world_size)]
+    return torch.cat(rows)

@@ -1,0 +1,121 @@
+"""Shared fixtures: run the real CLI in a subprocess, small trained checkpoints, tiny image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.pop("KDFINE_DEBUG", None)
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m kdfine ARGS`` in a subprocess; returns the completed process (text mode)."""
+    return subprocess.run([sys.executable, "-m", "kdfine", *map(str, args)], input=input, capture_output=True,
+                          text=True, env=cli_env(env), cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets the same throwaway KDFINE_CACHE, never the user's ~/.cache/kdfine."""
+    cache = tmp_path_factory.getbasetemp() / "kdfine-cache"
+    monkeypatch.setenv("KDFINE_CACHE", str(cache))
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(session_dir) -> Path:
+    """A cnn teacher trained on digits for 6 epochs (about 3 s): shared by many tests."""
+    out = session_dir / "teacher.safetensors"
+    r = run_cli("train-teacher", "--epochs", "6", "--out", out, "-q",
+                env={"KDFINE_CACHE": str(session_dir / "cache")})
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def noisy_dump(session_dir) -> Path:
+    """A teacher trained on digits with sym:0.4 noise, and its feature dump of the training split."""
+    ck = session_dir / "noisy.safetensors"
+    env = {"KDFINE_CACHE": str(session_dir / "cache")}
+    r = run_cli("train-teacher", "--label-noise", "sym:0.4", "--epochs", "8", "--out", ck, "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    dump = session_dir / "features.npy"
+    r = run_cli("eval", "--model", ck, "--split", "train", "--dump-features", dump, "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    return dump
+
+
+def write_png_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6, size: int = 12,
+                   test: bool = True, mode: str = "RGB") -> Path:
+    """A tiny ImageFolder tree of PNGs whose colour depends on the class (so it is learnable)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test") if test else ("",):
+        for ci, c in enumerate(classes):
+            d = root / split / c if split else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class if split != "test" else max(2, per_class // 3)):
+                base = np.zeros((size, size, 3), np.uint8)
+                base[..., ci % 3] = 200
+                img = np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8)
+                im = Image.fromarray(img)
+                (im.convert("L") if mode == "L" else im).save(d / f"{i:03d}.png")
+    return root
+
+
+def read_json(text: str):
+    return json.loads(text)
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory) -> Path:
+    """A small slice of the real CIFAR-10 JPEG tree (20 train / 5 test images per class)."""
+    import tarfile
+
+    if not CIFAR_TAR.exists():
+        pytest.fail(f"{CIFAR_TAR} is missing: the CIFAR-10 JPEG archive ships in ../shared/data")
+    root = tmp_path_factory.mktemp("cifar-slice")
+    wanted = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            parts = Path(m.name).parts
+            split, cls = parts[-3], parts[-2]
+            key = (split, cls)
+            limit = 20 if split == "train" else 5
+            if wanted.get(key, 0) < limit:
+                wanted[key] = wanted.get(key, 0) + 1
+                target = root / split / cls / parts[-1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(m).read())
+            if len(wanted) == 20 and all(v >= (20 if k[0] == "train" else 5) for k, v in wanted.items()):
+                break
+    return root

@@ -166,18 +166,29 @@ def _fail(message: str, code: int) -> None:
 
 
 def _emit_json(doc: Any) -> None:
-    from kdfine import distributed
-
-    if distributed.context().is_main:
-        sys.stdout.write(json.dumps(_clean(doc), indent=2, sort_keys=False) + "\n")
-        sys.stdout.flush()
+    _write_stdout(json.dumps(_clean(doc), indent=2, sort_keys=False) + "\n")
 
 
 def _emit_line(text: str) -> None:
+    _write_stdout(text + "\n")
+
+
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+
+
+def _write_stdout(text: str) -> None:
+    """The result, on rank 0. A reader that stopped early (``kdfine info x | head``) ends the
+    command quietly, as it would any Unix tool."""
     from kdfine import distributed
 
-    if distributed.context().is_main:
-        print(text, flush=True)
+    if not distributed.context().is_main:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
 
 def _clean(x):
@@ -372,11 +383,12 @@ def eval_(
                        batch_size=batch_size, precision=precision, on_logits=collect)
     if plot and distributed.context().is_main:
         res["plots"] = plots.evaluation_figures(plot, runs)
-        _note(f"wrote {', '.join(res['plots'])}", quiet)
     if json_out:
         _emit_json(res)
     elif not quiet and distributed.context().is_main:
         _eval_table(res)
+    if res.get("plots"):
+        _note(f"wrote {', '.join(res['plots'])}", quiet)
 
 
 def _eval_table(res: dict[str, Any]) -> None:
@@ -600,7 +612,7 @@ def _lineage_lines(nodes: list[dict[str, Any]], indent: str = "") -> list[str]:
         branch, cont = ("`-- ", "    ") if last else ("|-- ", "|   ")
         if n["found"]:
             top1 = (n.get("metrics") or {}).get("test_top1")
-            desc = (f"{n['path']}  {n.get('stage') or '?'} {n.get('arch')}, {_training_text(n)}, "
+            desc = (f"{_shown_path(n['path'])}  {n.get('stage') or '?'} {n.get('arch')}, {_training_text(n)}, "
                     f"test top-1 {_pct(top1)}  [sha256 {n['sha256'][:12]}]")
         else:
             where = f"; recorded at {n['recorded_path']}" if n.get("recorded_path") else ""
@@ -608,6 +620,14 @@ def _lineage_lines(nodes: list[dict[str, Any]], indent: str = "") -> list[str]:
         lines.append(indent + branch + desc)
         lines += _lineage_lines(n.get("parents") or [], indent + cont)
     return lines
+
+
+def _shown_path(path: str) -> str:
+    """Relative to the working directory when below it (shorter to read), else as found."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def _info_text(d: dict[str, Any]) -> str:

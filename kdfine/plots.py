@@ -112,7 +112,7 @@ def score_histograms(path: str | Path, scores: np.ndarray, labels: np.ndarray, k
     from matplotlib.lines import Line2D
 
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1))
-    names.append("split (lowest kept score)")
+    names.append("split at the lowest kept score (shaded: rejected)")
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.02))
     extra = f" (first {MAX_CLASS_PANELS} of {k} classes)" if k > MAX_CLASS_PANELS else ""
@@ -141,10 +141,13 @@ def _reliability_axes(ax, logits: np.ndarray, labels: np.ndarray, name: str, bin
     # hatched outline only, so the gap reads the same above (over-) and inside (under-confident) a bar
     ax.bar(centres[filled], gap, bottom=gap_lo, width=width, facecolor="none", edgecolor=NOISY_COLOUR,
            hatch="///", linewidth=1, label="gap to mean confidence")
+    counts = np.asarray(r["count"])
+    for x, c in zip(centres[filled], counts[filled]):  # how much each bar stands for
+        ax.text(x, 0.01, str(c), rotation=90, ha="center", va="bottom", fontsize=7, color="white")
     ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max softmax)")
+    ax.set_xlabel("confidence (max softmax); numbers: images per bin")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{name}: ECE {100 * metrics.ece(logits, labels, bins):.2f}%", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)

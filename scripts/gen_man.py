@@ -30,7 +30,7 @@ from typer.core import TyperArgument  # noqa: E402
 
 import kdfine  # noqa: E402
 from kdfine import errors  # noqa: E402
-from kdfine.cli import app  # noqa: E402
+from kdfine.cli import EXIT_BROKEN_PIPE, app  # noqa: E402
 
 PROG = "kdfine"
 MANUAL = "kdfine manual"
@@ -44,6 +44,7 @@ EXIT_STATUS = [
                         "NaN features, bad index list, unwritable output"),
     (errors.EXIT_DEVICE, "the requested device is not available"),
     (errors.EXIT_INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); training saves its state first"),
+    (EXIT_BROKEN_PIPE, "the reader of stdout stopped early (as in kdfine info x | head); nothing is printed"),
 ]
 
 ENVIRONMENT = [

@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,10 @@ def test_bad_input_is_one_line_exit_3(chain, tmp_path):
     assert r.returncode == 3 and r.stdout == "" and r.stderr.count("\n") == 1 and "junk.safetensors" in r.stderr
     r = run_cli("info", chain["s2"], "--parent", junk)
     assert r.returncode == 3 and r.stdout == "" and "--parent" in r.stderr
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(chain):
+    # `true` exits at once, so the write meets a closed pipe
+    cmd = f'"{sys.executable}" -m kdfine info "{chain["s2"]}" | true; echo "rc=${{PIPESTATUS[0]}}"'
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.stdout.strip() == "rc=141" and r.stderr == ""

@@ -452,16 +452,17 @@ def detect_noise(
 
     Example: kdfine detect-noise --features f.npy --out clean_idx.csv --noisy-out noisy_idx.csv
     """
+    from kdfine.errors import UsageError
+
+    if out == "-" and json_out:
+        raise UsageError("--out - and --json both want stdout; write the CSV to a file")
     if plot:  # before importing the library: a missing matplotlib fails at once
         from kdfine import plots
 
         plots.require()
         plots.check_image_path(plot)
     from kdfine import api
-    from kdfine.errors import UsageError
 
-    if out == "-" and json_out:
-        raise UsageError("--out - and --json both want stdout; write the CSV to a file")
     det, report, y, true = api.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
                                             vectors_from=vectors_from, seed=seed)
     api.write_detection(det, y, out, noisy_out)

@@ -361,6 +361,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         net = torch.compile(net)
     fine_on = cfg.fine_every > 0
     steps = len(batches)
+    last_test: dict[str, float] = {}  # metrics of the last epoch's evaluation, reused as the final ones
 
     try:
         with _StopFlag() as stop:
@@ -406,6 +407,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                 if test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     test_metrics = evaluate(model, test, device, precision, channels_last)
                     rec.update(test_acc=test_metrics["top1"], test_nll=test_metrics["nll"])
+                    last_test = test_metrics if epoch + 1 == cfg.epochs else {}
                 history.append(rec)
                 reporter.close()
                 reporter.epoch_line(rec, cfg.epochs)
@@ -421,7 +423,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         reporter.close()
         if log is not None:
             log.close()
-    final = evaluate(model, test, device, precision, channels_last) if test is not None else {}
+    final = last_test or (evaluate(model, test, device, precision, channels_last) if test is not None else {})
     return FitResult(model, history, final, current if fine_on or selection is not None else None)
 
 

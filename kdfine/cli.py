@@ -424,12 +424,12 @@ def _detection_table(report: dict[str, Any]) -> None:
     con = _stderr()
     con.print(t)
     con.print(f"kept {report['kept']}/{report['n']} ({100 * report['kept_fraction']:.1f}%), "
-              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False)
+              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False, soft_wrap=True)
     if "truth" in report:
         q = report["truth"]
         con.print(f"against the true labels (noise {100 * q['true_noise_rate']:.1f}%): clean precision "
                   f"{q['precision']:.4f}  recall {q['recall']:.4f}  F1 {q['f1']:.4f}  AUROC {q.get('auroc', float('nan')):.4f}",
-                  markup=False)
+                  markup=False, soft_wrap=True)
 
 
 @app.command("clean", rich_help_panel=NOISE)

@@ -195,7 +195,7 @@ class Reporter:
 
     def print(self, text: str) -> None:
         if self.show:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)  # one line per epoch, never wrapped
 
     def close(self) -> None:
         if self.progress is not None:

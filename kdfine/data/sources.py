@@ -168,14 +168,16 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test indices with each class split in the same proportion (sorted, seeded)."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(labels.shape[0])
-    counts = np.bincount(labels)
-    strat = labels if counts[counts > 0].min() >= 2 else None
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
-    return np.sort(tr), np.sort(te)
+    """Train and test indices (sorted) with round(test_fraction * n_c) of each class c in the test
+    split, drawn with a seeded generator; works for any class size, including 1."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test.append(rng.permutation(members)[: int(round(test_fraction * members.size))])
+    te = np.sort(np.concatenate(test)) if test else np.zeros(0, np.int64)
+    tr = np.setdiff1d(np.arange(labels.shape[0]), te)
+    return tr, te
 
 
 def _digits():

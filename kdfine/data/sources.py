@@ -90,28 +90,35 @@ class Source:
         return self.train if name == "train" else self.test
 
 
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """Split a ``--data`` spec into ``(kind, argument)``: ``digits`` -> ("digits", ""),
+    ``npz:PATH`` -> ("npz", "PATH"). Raises :class:`UsageError` for anything else."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if (kind == "digits" or kind in TORCHVISION_SETS) and not arg or kind in ("imagefolder", "npz") and arg:
+        return kind, arg
+    raise UsageError(f"--data '{spec}': unknown data spec; expected digits, "
+                     f"{', '.join(TORCHVISION_SETS)}, imagefolder:PATH or npz:PATH")
+
+
 def load_source(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
                 image_size: int | None = None, test_fraction: float = 0.2,
                 augment: str | None = None) -> Source:
     """Load both splits of ``spec`` (see the module docstring)."""
-    kind, _, arg = spec.partition(":")
-    kind = kind.strip().lower()
+    kind, arg = parse_data_spec(spec)
     if not 0.0 < test_fraction < 1.0:
         raise UsageError(f"--test-fraction {test_fraction}: must lie strictly between 0 and 1")
     if augment is not None and augment not in AUGMENTATIONS:
         raise UsageError(f"--augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")
     ftr = fte = None
-    if kind == "digits" and not arg:
+    if kind == "digits":
         xtr, ytr, xte, yte, classes = _digits()
-    elif kind in TORCHVISION_SETS and not arg:
+    elif kind in TORCHVISION_SETS:
         xtr, ytr, xte, yte, classes = _torchvision(kind, Path(root) if root else default_data_root(), download)
-    elif kind == "imagefolder" and arg:
+    elif kind == "imagefolder":
         xtr, ytr, xte, yte, classes, ftr, fte = _imagefolder(Path(arg).expanduser(), image_size, test_fraction)
-    elif kind == "npz" and arg:
-        xtr, ytr, xte, yte, classes = _npz(Path(arg).expanduser(), test_fraction)
     else:
-        raise UsageError(f"--data '{spec}': unknown data spec; expected digits, "
-                         f"{', '.join(TORCHVISION_SETS)}, imagefolder:PATH or npz:PATH")
+        xtr, ytr, xte, yte, classes = _npz(Path(arg).expanduser(), test_fraction)
     if image_size is not None and image_size != xtr.shape[1]:
         xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
     mean, std = channel_stats(xtr)

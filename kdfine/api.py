@@ -22,7 +22,7 @@ from kdfine.data.noise import apply_noise, parse_noise
 from kdfine.data.sources import ArrayDataset, Source, load_source
 from kdfine.engine import Reporter, TeacherEnsemble, TrainConfig, fit, state_path
 from kdfine.errors import InputError, KdfineWarning, UsageError
-from kdfine.io import check_label_range, check_writable, read_index, read_labels, read_stdin_path
+from kdfine.io import check_label_range, check_writable, is_special, read_index, read_labels, read_stdin_path
 from kdfine.models import build, param_count
 
 __all__ = ["DataOptions", "TrainConfig", "prepare_data", "train_teacher", "distill", "evaluate"]
@@ -128,8 +128,9 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
         reporter.print(f"{stage} {arch} ({param_count(model) / 1e6:.2f}M params) on {data.options.data}: "
                        f"{len(train)} train images{sel}, {len(data.test)} test, {train.num_classes} classes, "
                        f"device {ctx.device}" + (f" x{ctx.world_size}" if ctx.distributed else ""))
+    state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
     result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=data.keep,
-                 truth=data.truth, state_file=state_path(out), resume=resume, force=force, run_config=run_config,
+                 truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
                  log_path=log, reporter=reporter)
     final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
     if result.history:
@@ -140,11 +141,13 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
     meta.update(metrics=final, config=run_config,
                 parents=[t.sha256 for t in teachers] if teachers else [],
                 parent_paths=[str(Path(t.path).resolve()) for t in teachers] if teachers else [])
-    sha = ""
-    if ctx.is_main:
-        sha = checkpoint.save(out, result.model, meta)
-        state_path(out).unlink(missing_ok=True)
-    distributed.barrier()
+    def save() -> str:
+        digest = checkpoint.save(out, result.model, meta)
+        if state is not None:
+            state.unlink(missing_ok=True)
+        return digest
+
+    sha = distributed.main_only(save)
     if result.selection is not None and cfg.fine_every > 0:
         final["fine_final_kept"] = int(result.selection.size)
     return {"path": str(out), "sha256": sha, "stage": stage, "arch": arch, "metrics": final,
@@ -169,20 +172,7 @@ def train_teacher(out: str, *, arch: str = "cnn", data: DataOptions | None = Non
 
 def resolve_teacher_paths(teachers: list[str]) -> list[str]:
     """``-`` becomes the path read from stdin (rank 0 reads, every rank receives it)."""
-    out = []
-    for t in teachers:
-        if t == "-":
-            msg = None
-            if distributed.context().is_main:
-                try:
-                    t = read_stdin_path("--teacher")
-                except (InputError, UsageError) as e:
-                    msg = (type(e).__name__, str(e))
-            t, msg = distributed.broadcast_object((t, msg))
-            if msg:
-                raise (InputError if msg[0] == "InputError" else UsageError)(msg[1])
-        out.append(t)
-    return out
+    return [distributed.main_only(read_stdin_path, "--teacher") if t == "-" else t for t in teachers]
 
 
 def check_compatible(ckpt: checkpoint.Checkpoint, data: ArrayDataset, what: str = "--teacher") -> None:
@@ -237,7 +227,7 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
         raise UsageError("--dump-features takes a single --model")
     ctx = distributed.setup(device)
     if dump_features:
-        check_writable(dump_features, "--dump-features")
+        features.check_dump_path(dump_features)
     loaded = [checkpoint.load(m, "cpu", "--model") for m in models]
     tloaded = [checkpoint.load(t, "cpu", "--teacher") for t in (teachers or [])]
     opts = (data or DataOptions()).inherit(loaded[0].meta.get("config") or {"data": loaded[0].meta.get("data")})
@@ -274,17 +264,16 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
         if teacher_logits is not None:
             r.update(metrics.teacher_agreement(z, teacher_logits))
             r["teachers"] = [t.path for t in tloaded]
-        if f is not None and ctx.is_main:
+        if f is not None:
             info = {"checkpoint": str(Path(ck.path).resolve()), "checkpoint_sha256": ck.sha256,
                     "data": prepared.options.data, "split": split,
                     "label_noise": str(parse_noise(prepared.options.label_noise)),
                     "noise_seed": prepared.options.noise_seed, "num_classes": ds.num_classes,
                     "classes": ds.classes, "n": len(ds), "dim": int(f.shape[1])}
             truth = prepared.truth if split == "train" else None
-            features.write_dump(dump_features, f, z, ds.labels, info, truth)
+            distributed.main_only(features.write_dump, dump_features, f, z, ds.labels, info, truth)
             r["dump"] = dump_features
         results.append(r)
-    distributed.barrier()
     return {"data": prepared.options.data, "split": split, "n": len(ds), "models": results}
 
 
@@ -376,25 +365,28 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, zeta: float 
         check_writable(export, "--export")
     if export_dir and Path(export_dir).exists() and any(Path(export_dir).iterdir()):
         raise InputError(f"--export-dir {export_dir}: exists and is not empty; choose a new directory")
+    ckpt_meta = checkpoint.read_meta(model)
+    opts = (data or DataOptions()).inherit(ckpt_meta.get("config") or {"data": ckpt_meta.get("data")})
     with tempfile.TemporaryDirectory(prefix="kdfine-clean-") as tmp:
         dump = str(Path(tmp) / "features.npy")
         ev = evaluate([model], data=data, split="train", dump_features=dump, device=device, batch_size=batch_size)
-        det, report, labels, _ = detect_noise(dump, zeta=zeta, method=method, seed=seed)
-        info = features.read_dump(dump).info
-    ckpt_meta = checkpoint.read_meta(model)
-    opts = (data or DataOptions()).inherit(ckpt_meta.get("config") or {"data": ckpt_meta.get("data")})
-    if distributed.context().is_main:
-        write_detection(det, labels, out, noisy_out)
-        if export or export_dir:
-            prepared = prepare_data(replace(opts, keep=None))
-            if export:
-                export_npz(prepared, det.clean_index, export)
-            else:
-                export_folder(prepared, det.clean_index, export_dir)
-    report.pop("features", None)
-    report.update(model=model, data=info["data"], label_noise=info["label_noise"], out=out,
-                  train_top1=ev["models"][0]["top1"], export=export or export_dir)
-    return report
+
+        def detect_and_write() -> dict[str, Any]:  # on rank 0, which holds the dump (rank-local tmp)
+            det, report, labels, _ = detect_noise(dump, zeta=zeta, method=method, seed=seed)
+            info = features.read_dump(dump).info
+            write_detection(det, labels, out, noisy_out)
+            if export or export_dir:
+                prepared = prepare_data(replace(opts, keep=None))
+                if export:
+                    export_npz(prepared, det.clean_index, export)
+                else:
+                    export_folder(prepared, det.clean_index, export_dir)
+            report.pop("features", None)
+            report.update(model=model, data=info["data"], label_noise=info["label_noise"], out=out,
+                          train_top1=ev["models"][0]["top1"], export=export or export_dir)
+            return report
+
+        return distributed.main_only(detect_and_write)
 
 
 def export_npz(prepared: Prepared, keep: np.ndarray, path: str) -> None:

@@ -11,7 +11,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -38,7 +40,7 @@ app = typer.Typer(
 TRAIN, EVAL, NOISE, UTIL = "1. Train", "2. Evaluate", "3. Find noisy labels", "4. Inspect and plot"
 P_DATA, P_TRAIN, P_OUT, P_FINE = "Data", "Training", "Output", "Dynamic FINE selection"
 P_DEVICE = "Device"
-_state = {"debug": bool(os.environ.get("KDFINE_DEBUG")), "quiet": False}
+_state = {"debug": bool(os.environ.get("KDFINE_DEBUG")), "quiet": False, "rank": 0}
 
 # ------------------------------------------------------------------------------------- options
 # One definition per option, so the same option means the same thing in every command.
@@ -120,49 +122,72 @@ PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also draw a pict
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    if not _state["quiet"]:
+    if not _state["quiet"] and not _state["rank"]:  # under torchrun, rank 0 speaks for all
         print(f"kdfine: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
 
 def command(fn: Callable) -> Callable:
-    """Turn kdfine's exceptions into one stderr line and the documented exit code."""
+    """Turn kdfine's exceptions into one stderr line and the documented exit code (with
+    ``--debug``, the traceback first). SIGTERM is treated like Ctrl-C (exit 130). Under torchrun,
+    only rank 0 writes stdout, and other ranks name themselves in their error lines."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from kdfine import distributed
+
         _state["quiet"] = bool(kwargs.get("quiet"))
+        _state["rank"] = distributed.launch_rank()
         warnings.showwarning = _show_warning
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", module="torch")
+        stdout, sigterm = sys.stdout, _sigterm_as_interrupt()
+        if _state["rank"]:
+            sys.stdout = open(os.devnull, "w")  # results are rank 0's to print
         try:
             return fn(*args, **kwargs)
         except KdfineError as e:
-            if _state["debug"]:
-                raise
-            _fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            _fail(str(e), e.exit_code, e)
+        except KeyboardInterrupt as e:
+            _fail("interrupted", EXIT_INTERRUPTED, e)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except OSError as e:
-            if _state["debug"]:
-                raise
             where = f" {e.filename}" if getattr(e, "filename", None) else ""
-            _fail(f"cannot access{where}: {e.strerror or e}", EXIT_INPUT)
+            _fail(f"cannot access{where}: {e.strerror or e}", EXIT_INPUT, e)
         except Exception as e:
-            if _state["debug"]:
-                raise
-            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
+            if distributed.lost_peer(e):
+                _fail("another process of this torchrun job stopped; its error is reported above", 1, e)
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1, e)
         finally:
-            # only a command that imported it (and so torch) can have a process group to close
-            dist = sys.modules.get("kdfine.distributed")
-            if dist is not None:
-                dist.teardown()
+            if sys.stdout is not stdout:
+                sys.stdout.close()
+                sys.stdout = stdout
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
+            distributed.teardown()
 
     return wrapper
 
 
-def _fail(message: str, code: int) -> None:
-    print(f"kdfine: error: {message}", file=sys.stderr)
+def _sigterm_as_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt like Ctrl-C (so it ends with exit 130 and cleans up
+    temporary files); returns the previous handler, or None off the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    if _state["debug"] and exc is not None:
+        traceback.print_exception(exc, file=sys.stderr)
+    who = f" (rank {_state['rank']})" if _state.get("rank") else ""
+    print(f"kdfine: error{who}: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -208,10 +233,10 @@ def _stderr():
 
 
 def _is_main() -> bool:
-    """Rank 0 of a torchrun job, or the only process. Does not import torch for commands that
-    never needed it (plot-log, errors found before any work)."""
-    dist = sys.modules.get("kdfine.distributed")
-    return dist is None or dist.context().is_main
+    """Rank 0 of a torchrun job, or the only process."""
+    from kdfine import distributed
+
+    return distributed.context().is_main
 
 
 def _note(text: str, quiet: bool) -> None:
@@ -490,12 +515,12 @@ def _detection_table(report: dict[str, Any]) -> None:
     con = _stderr()
     con.print(t)
     con.print(f"kept {report['kept']}/{report['n']} ({100 * report['kept_fraction']:.1f}%), "
-              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False)
+              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False, soft_wrap=True)
     if "truth" in report:
         q = report["truth"]
         con.print(f"against the true labels (noise {100 * q['true_noise_rate']:.1f}%): clean precision "
                   f"{q['precision']:.4f}  recall {q['recall']:.4f}  F1 {q['f1']:.4f}  AUROC {q.get('auroc', float('nan')):.4f}",
-                  markup=False)
+                  markup=False, soft_wrap=True)
 
 
 def _plot_detection(path: str, features_path: str, det, labels, true) -> str:

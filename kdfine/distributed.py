@@ -3,6 +3,10 @@
 kdfine runs under ``torchrun`` with no extra flag: when torchrun's environment (``WORLD_SIZE`` > 1)
 is present, :func:`setup` joins the process group (nccl on CUDA, gloo on CPU) and pins each rank to
 ``cuda:LOCAL_RANK``. Single-process runs never touch ``torch.distributed``.
+
+Side effects (files, stdout) belong to rank 0. :func:`main_only` runs such a step on rank 0 and
+hands its outcome to every rank, so that a failure there (a full disk, say) ends every rank with
+the same error instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kdfine.errors import DeviceError, UsageError
+from kdfine.errors import DeviceError, KdfineError, UsageError
 
 
 @dataclass
@@ -40,7 +44,19 @@ def context() -> Context:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    return _env_int("WORLD_SIZE", 1) > 1 and "RANK" in os.environ
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun announced it (0 outside torchrun), known before :func:`setup`."""
+    return _env_int("RANK", 0) if launched_by_torchrun() else 0
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def resolve_device(option: str = "auto", local_rank: int = 0) -> torch.device:
@@ -98,8 +114,61 @@ def setup(device_option: str = "auto") -> Context:
 
 
 def teardown() -> None:
+    """Leave the process group (if joined) and forget the context."""
+    global _ctx
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _ctx = Context()
+
+
+def check_split(batch_size: int, samples: int) -> None:
+    """Raise :class:`UsageError` when the global ``batch_size`` cannot be split evenly across the
+    ranks, or there are fewer training ``samples`` than ranks."""
+    w = _ctx.world_size
+    if batch_size % w:
+        raise UsageError(f"--batch-size {batch_size}: the global batch must be divisible by the {w} processes "
+                         f"of this torchrun job (e.g. {max(w, batch_size - batch_size % w)})")
+    if samples < w:
+        raise UsageError(f"only {samples} training samples for {w} processes; use fewer processes")
+
+
+class PeerFailed(KdfineError):
+    """A step that rank 0 ran on behalf of every rank failed there (same exit code as rank 0's)."""
+
+
+def main_only(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only and return its result on every rank.
+
+    When ``fn`` raises on rank 0, rank 0 re-raises the exception and every other rank raises
+    :class:`PeerFailed` with the same message and exit code, so nobody waits for a rank that has
+    gone. The result travels with ``broadcast_object_list`` (keep it small: a path, a string).
+    """
+    result, failure, error = None, None, None
+    if _ctx.is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+            error = e
+            failure = (str(e), getattr(e, "exit_code", 1))
+    if _ctx.distributed:
+        result, failure = broadcast_object((result, failure))
+    if error is not None:
+        raise error
+    if failure is not None:
+        err = PeerFailed(f"rank 0 failed: {failure[0]}")
+        err.exit_code = failure[1]
+        raise err
+    return result
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank of the job has gone (it
+    crashed or was stopped): such a rank has already reported the real cause."""
+    if not _ctx.distributed:
+        return False
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def barrier() -> None:

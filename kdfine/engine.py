@@ -195,7 +195,7 @@ class Reporter:
 
     def print(self, text: str) -> None:
         if self.show:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)  # one line per epoch, never wrapped
 
     def close(self) -> None:
         if self.progress is not None:
@@ -260,10 +260,12 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop stops at the next batch boundary."""
+    """SIGINT/SIGTERM set a flag; the loop stops at the next batch boundary. A second signal more
+    than a second later stops at once (one Ctrl-C reaches torchrun and its workers together)."""
 
     def __init__(self):
         self.signum = 0
+        self.when = 0.0
         self.previous = {}
 
     def __enter__(self):
@@ -273,9 +275,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum:
+            if time.monotonic() - self.when > 1.0:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            return
+        self.signum, self.when = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -318,6 +322,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         model.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
+    distributed.check_split(cfg.batch_size, len(train) if selection is None else len(selection))
     batches = TrainBatches(train.images, train.labels, train.mean, train.std, batch_size=cfg.batch_size,
                            device=device, augment=train.augment, seed=cfg.seed, channels_last=channels_last,
                            rank=ctx.rank, world_size=ctx.world_size)
@@ -337,11 +342,18 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         if diffs and not force:
             raise UsageError(f"--resume: {state_file} was written with other options ({'; '.join(diffs)}); "
                              "rerun with the recorded options, or add --force")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        for gi, group in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if f"optim.{gi}.{pi}" in tensors:
-                    optimizer.state[p]["momentum_buffer"] = tensors[f"optim.{gi}.{pi}"].to(device)
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            for gi, group in enumerate(optimizer.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if f"optim.{gi}.{pi}" in tensors:
+                        buf = tensors[f"optim.{gi}.{pi}"]
+                        if buf.shape != p.shape:
+                            raise RuntimeError(f"momentum buffer {gi}.{pi} has shape {tuple(buf.shape)}")
+                        optimizer.state[p]["momentum_buffer"] = buf.to(device)
+        except RuntimeError as e:
+            raise InputError(f"--resume: {state_file} does not fit this model ({str(e).splitlines()[0][:160]}); "
+                             "delete it to start from scratch") from None
         if "selection" in tensors:
             current = tensors["selection"].numpy()
             batches.set_selection(current)
@@ -353,7 +365,9 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
 
     log = None
     if log_path and ctx.is_main:
-        log = open(log_path, "a" if resume and start > 0 else "w")
+        log = open(log_path, "w")
+        for rec in history:  # a resumed run's log restates the saved epochs, never a lost one twice
+            log.write(json.dumps(rec) + "\n")
     net: nn.Module = model
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -361,6 +375,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         net = torch.compile(net)
     fine_on = cfg.fine_every > 0
     steps = len(batches)
+    last_test: dict[str, float] = {}  # metrics of the last epoch's evaluation, reused as the final ones
 
     try:
         with _StopFlag() as stop:
@@ -406,22 +421,28 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                 if test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     test_metrics = evaluate(model, test, device, precision, channels_last)
                     rec.update(test_acc=test_metrics["top1"], test_nll=test_metrics["nll"])
+                    last_test = test_metrics if epoch + 1 == cfg.epochs else {}
                 history.append(rec)
                 reporter.close()
                 reporter.epoch_line(rec, cfg.epochs)
                 if log is not None:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                if state_file is not None and ctx.is_main:
-                    save_state(state_file, model, optimizer, current if fine_on or selection is not None else None,
-                               {"epoch": epoch + 1, "history": history, "config": run_config,
-                                "train_config": asdict(cfg)})
-                distributed.barrier()
+                    try:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    except OSError as e:
+                        raise InputError(f"--log {log_path}: cannot write ({e.strerror or e})") from None
+                if state_file is not None:
+                    distributed.main_only(
+                        save_state, state_file, model, optimizer, current if fine_on or selection is not None else None,
+                        {"epoch": epoch + 1, "history": history, "config": run_config, "train_config": asdict(cfg)})
     finally:
         reporter.close()
         if log is not None:
-            log.close()
-    final = evaluate(model, test, device, precision, channels_last) if test is not None else {}
+            try:
+                log.close()
+            except OSError:
+                pass  # a failed write was already reported; the error of close() would hide it
+    final = last_test or (evaluate(model, test, device, precision, channels_last) if test is not None else {})
     return FitResult(model, history, final, current if fine_on or selection is not None else None)
 
 

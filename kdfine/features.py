@@ -18,8 +18,8 @@ import torch
 
 from kdfine import distributed
 from kdfine.data.batches import eval_batches
-from kdfine.errors import InputError
-from kdfine.io import atomic_open, atomic_save_npy, check_writable, load_npy
+from kdfine.errors import InputError, UsageError
+from kdfine.io import atomic_open, atomic_save_npy, check_writable, is_special, load_npy
 
 
 def autocast(device: torch.device, precision: str):
@@ -92,11 +92,20 @@ def sidecar(path: str | Path, suffix: str) -> Path:
     return p.with_name(f"{stem}.{suffix}")
 
 
+def check_dump_path(path: str | Path) -> None:
+    """Fail early unless ``path`` names a regular file in a writable directory: its sidecars are
+    written beside it, which rules out ``/dev/null`` and other special files."""
+    if is_special(path):
+        raise UsageError(f"--dump-features {path}: not a regular file; the dump and its sidecars "
+                         "(.labels.npy, .logits.npy, .json) need a file name in a directory")
+    check_writable(path, "--dump-features")
+
+
 def write_dump(path: str | Path, features: np.ndarray, logits: np.ndarray, labels: np.ndarray,
                info: dict[str, Any], truth: np.ndarray | None = None) -> None:
     """Write the dump and its sidecars, each atomically. Sidecars first, the main file last, so
     that a complete ``f.npy`` implies complete sidecars."""
-    check_writable(path, "--dump-features")
+    check_dump_path(path)
     atomic_save_npy(sidecar(path, "labels.npy"), np.asarray(labels, np.int64), "--dump-features")
     atomic_save_npy(sidecar(path, "logits.npy"), np.asarray(logits, np.float32), "--dump-features")
     if truth is not None:

@@ -24,20 +24,33 @@ from kdfine.errors import InputError, UsageError
 def check_writable(path: str | os.PathLike, option: str = "--out") -> Path:
     """Fail early (before any long work) if ``path`` cannot be written.
 
-    Checks that the parent directory exists and is writable, so a two-hour training run does not
-    end with "no such directory".
+    Checks that the parent directory exists and that a file can really be created in it (a probe
+    file, removed at once: permission bits say nothing for root, and nothing about read-only
+    mounts), so a two-hour training run does not end with "no such directory".
     """
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{option} {p}: directory {parent} does not exist; create it first")
-    if p.exists() and not _is_regular(p):
-        return p  # a device or pipe such as /dev/null or /dev/stdout: written in place
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{option} {p}: directory {parent} is not writable")
     if p.is_dir():
         raise InputError(f"{option} {p}: is a directory; give a file name")
+    if is_special(p):
+        return p  # a device or pipe such as /dev/null or /dev/stdout: written in place
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist; create it first"
+        raise InputError(f"{option} {p}: {parent} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise InputError(f"{option} {p}: cannot create files in {parent} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
     return p
+
+
+def is_special(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists and is neither a regular file nor a directory (``/dev/null``, a FIFO):
+    such targets are written in place, and nothing is written beside them."""
+    p = Path(path)
+    return p.exists() and not p.is_dir() and not _is_regular(p)
 
 
 def _umask() -> int:
@@ -62,14 +75,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", option: str = "--out"
     :class:`InputError` naming the file, and the temporary file is removed.
     """
     p = check_writable(path, option)
-    if p.exists() and not _is_regular(p):
+    if is_special(p):
         try:
             with open(p, mode) as f:
                 yield f
         except OSError as e:
             raise InputError(f"cannot write {p}: {e.strerror or e}") from e
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    except OSError as e:
+        raise InputError(f"cannot write {p}: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, mode) as f:

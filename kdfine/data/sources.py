@@ -90,28 +90,35 @@ class Source:
         return self.train if name == "train" else self.test
 
 
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """Split a ``--data`` spec into ``(kind, argument)``: ``digits`` -> ("digits", ""),
+    ``npz:PATH`` -> ("npz", "PATH"). Raises :class:`UsageError` for anything else."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if (kind == "digits" or kind in TORCHVISION_SETS) and not arg or kind in ("imagefolder", "npz") and arg:
+        return kind, arg
+    raise UsageError(f"--data '{spec}': unknown data spec; expected digits, "
+                     f"{', '.join(TORCHVISION_SETS)}, imagefolder:PATH or npz:PATH")
+
+
 def load_source(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
                 image_size: int | None = None, test_fraction: float = 0.2,
                 augment: str | None = None) -> Source:
     """Load both splits of ``spec`` (see the module docstring)."""
-    kind, _, arg = spec.partition(":")
-    kind = kind.strip().lower()
+    kind, arg = parse_data_spec(spec)
     if not 0.0 < test_fraction < 1.0:
         raise UsageError(f"--test-fraction {test_fraction}: must lie strictly between 0 and 1")
     if augment is not None and augment not in AUGMENTATIONS:
         raise UsageError(f"--augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")
     ftr = fte = None
-    if kind == "digits" and not arg:
+    if kind == "digits":
         xtr, ytr, xte, yte, classes = _digits()
-    elif kind in TORCHVISION_SETS and not arg:
+    elif kind in TORCHVISION_SETS:
         xtr, ytr, xte, yte, classes = _torchvision(kind, Path(root) if root else default_data_root(), download)
-    elif kind == "imagefolder" and arg:
+    elif kind == "imagefolder":
         xtr, ytr, xte, yte, classes, ftr, fte = _imagefolder(Path(arg).expanduser(), image_size, test_fraction)
-    elif kind == "npz" and arg:
-        xtr, ytr, xte, yte, classes = _npz(Path(arg).expanduser(), test_fraction)
     else:
-        raise UsageError(f"--data '{spec}': unknown data spec; expected digits, "
-                         f"{', '.join(TORCHVISION_SETS)}, imagefolder:PATH or npz:PATH")
+        xtr, ytr, xte, yte, classes = _npz(Path(arg).expanduser(), test_fraction)
     if image_size is not None and image_size != xtr.shape[1]:
         xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
     mean, std = channel_stats(xtr)
@@ -161,14 +168,16 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test indices with each class split in the same proportion (sorted, seeded)."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(labels.shape[0])
-    counts = np.bincount(labels)
-    strat = labels if counts[counts > 0].min() >= 2 else None
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
-    return np.sort(tr), np.sort(te)
+    """Train and test indices (sorted) with round(test_fraction * n_c) of each class c in the test
+    split, drawn with a seeded generator; works for any class size, including 1."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test.append(rng.permutation(members)[: int(round(test_fraction * members.size))])
+    te = np.sort(np.concatenate(test)) if test else np.zeros(0, np.int64)
+    tr = np.setdiff1d(np.arange(labels.shape[0]), te)
+    return tr, te
 
 
 def _digits():

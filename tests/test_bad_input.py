@@ -1,0 +1,322 @@
+"""Bad input, case by case: each a real file and a real ``python -m kdfine`` command.
+
+Every failing case must exit with the code of DESIGN.md, print exactly one line on stderr and no
+traceback, and leave its directory exactly as it was: an existing output file byte-identical, no
+partial or temporary file. With ``--debug`` (a subset of the cases, one per kind of failure) the
+traceback comes first and the exit code stays the same. Warnings are one line and do not stop
+the command.
+
+The commands run side by side (a module fixture starts them all); each test waits for its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import cli_env
+
+SENTINEL = b"an existing output file that a failed command must leave alone\n"
+N, D, K = 120, 8, 3  # the synthetic feature dumps
+
+
+@dataclass
+class Case:
+    """``make(case_dir, shared)`` writes the case's files and returns the command's arguments;
+    ``out`` (relative to the case dir) is pre-filled with SENTINEL."""
+
+    make: Callable[[Path, dict], list]
+    code: int
+    message: str  # a fragment of the one stderr line
+    out: str | None = None
+    stdin: str | None = None
+    debug: bool = False  # also run with --debug
+
+
+def _dump(d: Path, name: str, feats: np.ndarray, labels: np.ndarray, k: int = K) -> Path:
+    np.save(d / f"{name}.npy", feats)
+    np.save(d / f"{name}.labels.npy", labels)
+    (d / f"{name}.json").write_text(json.dumps({"num_classes": k}))
+    return d / f"{name}.npy"
+
+
+def _features(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(N) % K
+    centres = rng.normal(size=(K, D)) * 4
+    return (centres[labels] + rng.normal(size=(N, D))).astype(np.float32), labels.astype(np.int64)
+
+
+def _detect(path, out="out.csv", *extra):
+    return ["detect-noise", "--features", path, "--out", out, *extra]
+
+
+def _with(feats=None, labels=None, name="f"):
+    """A detect-noise case on a dump built from the good one with ``feats``/``labels`` changed."""
+    def make(d, s):
+        f, y = _features()
+        return _detect(_dump(d, name, feats(f) if feats else f, labels(y) if labels else y))
+    return make
+
+
+def _set(a, index, value):
+    a = a.copy()
+    a[index] = value
+    return a
+
+
+def _train(s, *args):
+    """train-teacher of a tiny mlp on the small npz data set (60 training images, 3 classes)."""
+    return ["train-teacher", "--data", f"npz:{s['small']}", "--arch", "mlp-16", "--epochs", "1", "--batch-size", "16",
+            "--device", "cpu", *args]
+
+
+def _keep(text: str):
+    """train-teacher --keep with an index list."""
+    def make(d, s):
+        (d / "keep.csv").write_text(text)
+        return _train(s, "--keep", "keep.csv", "--out", "out.safetensors")
+    return make
+
+
+def _model(build: Callable[[Path, dict], Path]):
+    """eval of a checkpoint file, with a feature dump as the output that must stay untouched."""
+    def make(d, s):
+        return ["eval", "--model", build(d, s), "--split", "train", "--device", "cpu", "--dump-features", "out.npy"]
+    return make
+
+
+def _truncated(d, s):
+    data = Path(s["teacher"]).read_bytes()
+    (d / "t.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    return d / "t.safetensors"
+
+
+def _text(d, s):
+    (d / "t.safetensors").write_text("arch=cnn\nnot a checkpoint\n")
+    return d / "t.safetensors"
+
+
+def _foreign(d, s):
+    save_file({"weight": s["tensors"]["head.weight"]}, str(d / "t.safetensors"), metadata={"format": "pt"})
+    return d / "t.safetensors"
+
+
+def _wrong_arch(d, s):
+    save_file(s["tensors"], str(d / "t.safetensors"), metadata={**s["meta"], "arch": "mlp"})
+    return d / "t.safetensors"
+
+
+def _unreadable(d, s):
+    """A file kdfine cannot read: mode 000 where that stops us (not root), else a directory."""
+    p = d / "t.safetensors"
+    p.write_bytes(Path(s["teacher"]).read_bytes())
+    p.chmod(0)
+    try:
+        p.open("rb").close()
+    except PermissionError:
+        return p
+    p.chmod(0o644)
+    p.unlink()
+    p.mkdir()
+    return p
+
+
+def _read_only_dir(d, s):
+    """A directory where files cannot be created: mode 555 where that stops us, else /proc."""
+    ro = d / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        (ro / "probe").touch()
+    except PermissionError:
+        return ro / "out.csv"
+    (ro / "probe").unlink()
+    ro.chmod(0o755)
+    ro.rmdir()
+    return Path("/proc") / "out.csv"
+
+
+def _three_classes(d, s):
+    x = np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
+    np.savez(d / "three.npz", x=x, y=np.arange(30) % 3)
+    return ["distill", "--teacher", s["teacher"], "--data", f"npz:{d / 'three.npz'}", "--arch", "mlp",
+            "--epochs", "1", "--device", "cpu", "--out", "out.safetensors"]
+
+
+
+
+def _equal_scores(d, s):
+    f, y = _features()
+    f[y == 1] = f[np.flatnonzero(y == 1)[0]]  # every sample of class 1 has the same features
+    return _detect(_dump(d, "f", f, y), "out.csv", "--json")
+
+
+def _empty_file(d, s):
+    (d / "f.npy").write_bytes(b"")
+    return _detect(d / "f.npy")
+
+
+def _empty_array(d, s):
+    return _detect(_dump(d, "f", np.zeros((0, D), np.float32), np.zeros(0, np.int64)))
+
+
+def _good_dump(d, s):
+    f, y = _features()
+    return _dump(d, "f", f, y)
+
+
+CASES: dict[str, Case] = {
+    "truncated-safetensors": Case(_model(_truncated), 3, "truncated", "out.npy", debug=True),
+    "not-safetensors": Case(_model(_text), 3, "not a readable safetensors file", "out.npy"),
+    "safetensors-without-kdfine-metadata": Case(_model(_foreign), 3, "not a kdfine checkpoint", "out.npy"),
+    "tensors-do-not-match-arch": Case(_model(_wrong_arch), 3, "do not match its recorded arch mlp", "out.npy"),
+    "teacher-student-class-mismatch": Case(_three_classes, 3, "num_classes is 10 but the data", "out.safetensors",
+                                           debug=True),
+    "features-with-nan": Case(_with(feats=lambda f: _set(f, (7, 2), np.nan)), 3, "row 7 contains NaN or inf",
+                              "out.csv", debug=True),
+    "features-with-inf": Case(_with(feats=lambda f: _set(f, (9, 0), -np.inf)), 3, "row 9 contains NaN or inf",
+                              "out.csv"),
+    "features-and-labels-lengths-differ": Case(_with(labels=lambda y: y[:-5]), 3, f"has {N - 5} rows", "out.csv"),
+    "label-above-range": Case(_with(labels=lambda y: _set(y, 4, K)), 3, f"label {K} is outside [0, {K})", "out.csv"),
+    "label-negative": Case(_with(labels=lambda y: _set(y, 4, -1)), 3, f"label -1 is outside [0, {K})", "out.csv"),
+    "index-negative": Case(_keep("index\n3\n-2\n"), 3, "negative index -2", "out.safetensors", debug=True),
+    "index-duplicate": Case(_keep("index\n3\n8\n3\n"), 3, "index 3 appears more than once", "out.safetensors"),
+    "index-out-of-range": Case(_keep("index\n0\n60\n"), 3, "index 60 is out of range for 60 samples",
+                               "out.safetensors"),
+    "index-not-integer": Case(_keep("index\n0\n2.5\n"), 3, "line 3: '2.5' is not an integer", "out.safetensors"),
+    "keep-leaves-nothing": Case(_keep("index\n"), 3, "keeps no samples", "out.safetensors"),
+    "empty-features-file": Case(_empty_file, 3, "not a readable .npy array", "out.csv"),
+    "empty-features-array": Case(_empty_array, 3, "the array is empty", "out.csv"),
+    "missing-path": Case(lambda d, s: _detect(d / "nowhere.npy"), 3, "nowhere.npy: no such file", "out.csv"),
+    "unreadable-path": Case(_model(_unreadable), 3, "t.safetensors", "out.npy"),
+    "out-in-missing-directory": Case(lambda d, s: _detect(_good_dump(d, s), d / "no" / "dir" / "out.csv"), 3,
+                                     "does not exist; create it first", debug=True),
+    "out-in-read-only-directory": Case(lambda d, s: _detect(_good_dump(d, s), _read_only_dir(d, s)), 3,
+                                       "cannot create files in"),
+    "out-under-a-regular-file": Case(lambda d, s: _detect(_good_dump(d, s), d / "f.json" / "out.csv"), 3,
+                                     "is not a directory"),
+    "disk-full-csv": Case(lambda d, s: _detect(_good_dump(d, s), "/dev/full"), 3,
+                          "cannot write /dev/full: No space left on device", debug=True),
+    "disk-full-checkpoint": Case(lambda d, s: _train(s, "--out", "/dev/full", "-q"), 3,
+                                 "cannot write /dev/full: No space left on device"),
+    "teacher-stdin-empty": Case(lambda d, s: ["distill", "--teacher", "-", "--arch", "mlp", "--epochs", "1",
+                                              "--out", "out.safetensors"], 3, "nothing was read from stdin",
+                                "out.safetensors", stdin="", debug=True),
+}
+
+WARNINGS: dict[str, tuple[Callable, str]] = {
+    "keep-leaves-a-class-empty": (_keep("index\n" + "\n".join(str(i) for i in range(60) if i % 3 != 2) + "\n"),
+                                  "kdfine: warning: --keep keep.csv leaves no sample of class 2"),
+    "class-with-all-scores-equal": (_equal_scores, "kdfine: warning: class 1: all scores equal; kept whole"),
+}
+
+
+def snapshot(d: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() and os.access(p, os.R_OK) else None)
+            for p in sorted(d.rglob("*"))}
+
+
+def dev_full_sidecars() -> list[str]:
+    return sorted(p.name for p in Path("/dev").glob("full.*"))
+
+
+def _run(args: list, cwd: Path, stdin: str | None, debug: bool) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kdfine", *(["--debug"] if debug else []), *map(str, args)]
+    return subprocess.run(cmd, input=stdin if stdin is not None else "", capture_output=True, text=True,
+                          env=cli_env({"OMP_NUM_THREADS": "1"}), cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, digits_teacher) -> dict:
+    with safe_open(str(digits_teacher), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    small = tmp_path_factory.mktemp("small") / "small.npz"
+    rng = np.random.default_rng(0)
+    np.savez(small, x=rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8), y=np.arange(60) % 3,
+             x_test=rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), y_test=np.arange(12) % 3)
+    return {"teacher": digits_teacher, "meta": meta, "tensors": tensors, "small": small}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, shared) -> dict[str, Future]:
+    """Prepare every case in its own directory and start all the commands (3 at a time)."""
+    root = tmp_path_factory.mktemp("bad")
+    pool = ThreadPoolExecutor(3)
+    futures: dict[str, Future] = {}
+
+    def job(name, make, out, stdin, debug):
+        d = root / name
+        d.mkdir()
+        args = make(d, shared)
+        if out:
+            (d / out).write_bytes(SENTINEL)
+        before = snapshot(d)
+        r = _run(args, d, stdin, debug)
+        return r, d, before, snapshot(d)
+
+    for name, case in CASES.items():
+        futures[name] = pool.submit(job, name, case.make, case.out, case.stdin, False)
+        if case.debug:
+            futures[f"{name}+debug"] = pool.submit(job, f"{name}+debug", case.make, case.out, case.stdin, True)
+    for name, (make, _) in WARNINGS.items():
+        futures[name] = pool.submit(job, name, make, None, None, False)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+    for p in root.rglob("*"):  # let pytest clean up what a case made unreadable
+        if p.exists() and not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_cleanly(results, name):
+    case = CASES[name]
+    r, d, before, after = results[name].result()
+    assert r.returncode == case.code, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{r.stderr}"
+    assert lines[0].startswith("kdfine: error: ") and case.message in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert after == before, "the command changed its directory (partial output or a touched file)"
+    assert dev_full_sidecars() == [], "nothing may be written beside /dev/full"
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.debug])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(results, name):
+    case = CASES[name]
+    r, d, before, after = results[f"{name}+debug"].result()
+    assert r.returncode == case.code, r.stderr
+    assert "Traceback (most recent call last):" in r.stderr
+    assert f"kdfine{os.sep}" in r.stderr  # frames inside kdfine
+    assert r.stderr.splitlines()[-1].startswith("kdfine: error: ") and case.message in r.stderr.splitlines()[-1]
+    assert after == before
+
+
+@pytest.mark.parametrize("name", list(WARNINGS))
+def test_warning_is_one_line_and_the_command_succeeds(results, name):
+    r, d, before, after = results[name].result()
+    expected = WARNINGS[name][1]
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("kdfine: warning:")]
+    assert warnings == [expected], r.stderr
+    assert "Traceback" not in r.stderr
+    new = set(after) - set(before)
+    assert new, "the command wrote its output"
+    if name == "class-with-all-scores-equal":
+        assert r.stderr.strip() == expected  # --json: the table is not printed; the warning is all
+        kept = np.loadtxt(d / "out.csv", delimiter=",", skiprows=1, usecols=(0, 1), dtype=np.int64)
+        assert (kept[:, 1] == 1).sum() == N // K, "the class that cannot be split is kept whole"
+        assert json.loads(r.stdout)["kept"] == kept.shape[0]

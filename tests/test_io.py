@@ -1,0 +1,54 @@
+"""Index lists, label files and atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kdfine.errors import InputError
+from kdfine.io import atomic_open, read_index, read_labels, write_csv
+
+
+def test_index_csv_and_plain_lines(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("index,label,score\n3,1,0.5\n0,2,0.1\n")
+    assert read_index(p, 5).tolist() == [3, 0]
+    p.write_text("4\n1\n\n2\n")
+    assert read_index(p, 5).tolist() == [4, 1, 2]
+
+
+@pytest.mark.parametrize("text,msg", [("index\n1\n-2\n", "negative"), ("index\n1\n1\n", "more than once"),
+                                      ("index\n9\n", "out of range"), ("index\n1\nx\n", "not an integer"),
+                                      ("", "empty"), ("name\nfoo\n", "first column must be 'index'")])
+def test_bad_index_lists(tmp_path, text, msg):
+    p = tmp_path / "bad.csv"
+    p.write_text(text)
+    with pytest.raises(InputError, match=msg):
+        read_index(p, 5)
+
+
+def test_labels_from_npy_csv_and_lines(tmp_path):
+    np.save(tmp_path / "l.npy", np.array([0, 2, 1]))
+    assert read_labels(tmp_path / "l.npy", 3, 3).tolist() == [0, 2, 1]
+    (tmp_path / "l.csv").write_text("index,label\n2,0\n0,1\n1,1\n")
+    assert read_labels(tmp_path / "l.csv", 3, 2).tolist() == [1, 1, 0]
+    (tmp_path / "p.txt").write_text("1\n0\n1\n")
+    assert read_labels(tmp_path / "p.txt", 3, 2).tolist() == [1, 0, 1]
+    with pytest.raises(InputError, match="outside"):
+        read_labels(tmp_path / "l.npy", 3, 2)
+    with pytest.raises(InputError, match="has 3 labels"):
+        read_labels(tmp_path / "l.npy", 4, 3)
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as f:
+            f.write("partial")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    with pytest.raises(InputError, match="/dev/full"):
+        write_csv("/dev/full", ["index"], [np.arange(100000)], ["{}"])
+    with pytest.raises(InputError, match="does not exist"):
+        write_csv(str(tmp_path / "no" / "x.csv"), ["index"], [np.arange(3)], ["{}"])

@@ -133,3 +133,13 @@ def test_unknown_spec_and_missing_torchvision_root(tmp_path):
         load_source("imagenet")
     with pytest.raises(InputError, match="--download"):
         load_source("cifar10", root=tmp_path / "nothing")
+
+
+def test_digits_fast_path_equals_load_digits():
+    from sklearn.datasets import load_digits
+
+    from kdfine.data.sources import _digits_arrays
+
+    images, labels = _digits_arrays()
+    d = load_digits()
+    assert np.array_equal(images, d.images) and np.array_equal(labels, d.target)

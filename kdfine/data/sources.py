@@ -180,12 +180,30 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
     return tr, te
 
 
-def _digits():
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: (1797, 8, 8) pixel values 0..16 and labels. Read straight
+    from the CSV that scikit-learn ships, which skips importing sklearn.datasets (about a second
+    of start-up for every command); ``load_digits`` is the fallback."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(base) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                a = np.loadtxt(f, delimiter=",", dtype=np.float64)
+            if a.shape == (1797, 65):
+                return a[:, :64].reshape(-1, 8, 8), a[:, 64].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    y = d.target.astype(np.int64)
+    return d.images, d.target.astype(np.int64)
+
+
+def _digits():
+    images, y = _digits_arrays()
+    x = np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     tr, te = stratified_split(y, 0.2, seed=0)
     return x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)]
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kdfine-installed
 # A pinned pair that pip serves from the local cache; pyproject.toml itself only asks torch>=2.4.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench-quick completions man clean-venv
+.PHONY: demo test groff bench-quick completions man clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/pipeline.sh
 
-test: $(STAMP)
+test: $(STAMP) groff
 	$(BIN)/python -m pytest
+
+# tests/test_man.py renders the man pages with groff (Debian's groff-base, present on most systems).
+groff:
+	@command -v groff >/dev/null 2>&1 || { echo "installing groff-base for the man page tests" >&2; \
+	  apt-get install -y -qq groff-base >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq groff-base; }; }
 
 completions: $(STAMP)
 	$(BIN)/python scripts/gen_completions.py

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -215,9 +215,12 @@ def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOp
 
 def evaluate(models: list[str], *, data: DataOptions | None = None, split: str = "test",
              teachers: list[str] | None = None, dump_features: str | None = None, device: str = "auto",
-             batch_size: int = 512, precision: str = "auto") -> dict[str, Any]:
+             batch_size: int = 512, precision: str = "auto",
+             on_logits: Callable[[checkpoint.Checkpoint, np.ndarray, ArrayDataset], None] | None = None
+             ) -> dict[str, Any]:
     """Metrics of each model on a split; with ``teachers``, agreement with their (averaged) logits;
-    with ``dump_features``, the feature dump of the (first) model."""
+    with ``dump_features``, the feature dump of the (first) model; ``on_logits(ckpt, logits (N, K),
+    dataset)`` is called for each model (on rank 0), e.g. to plot."""
     if not models:
         raise UsageError("eval needs at least one --model")
     if dump_features and len(models) > 1:
@@ -256,6 +259,8 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
                              "parents": ck.meta.get("parents", []), **metrics.classification(z, ds.labels)}
         if split == "train" and prepared.truth is not None:
             r["top1_true_labels"] = metrics.topk_accuracy(z, prepared.truth, 1)
+        if on_logits is not None and ctx.is_main:
+            on_logits(ck, z, ds)
         if teacher_logits is not None:
             r.update(metrics.teacher_agreement(z, teacher_logits))
             r["teachers"] = [t.path for t in tloaded]
@@ -429,3 +434,115 @@ def export_folder(prepared: Prepared, keep: np.ndarray, root: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------------- info
+
+
+def info(path: str, *, parents: list[str] | None = None) -> dict[str, Any]:
+    """What a checkpoint is: architecture and parameter count, classes, data and label noise,
+    loss/tau/alpha, recorded metrics and options, file size, sha256, and its lineage.
+
+    The lineage is a tree of the teachers it was distilled from (recursively). Each recorded
+    parent sha256 is looked up among the ``parents`` files, the recorded ``parent_paths`` and the
+    ``.safetensors`` files in the same directory as the child, matched by sha256; a parent not
+    found is reported with ``found: false``.
+    """
+    meta = checkpoint.read_meta(path)
+    p = Path(path)
+    pool = _LineagePool()
+    given = []
+    for g in parents or []:
+        checkpoint.read_meta(g, "--parent")
+        given.append(pool.sha(Path(g)))
+    sha = pool.sha(p)
+    doc = _describe(p, meta, sha)
+    try:
+        doc["params"] = param_count(build(meta["arch"], int(meta["num_classes"]), int(meta["in_channels"]),
+                                          int(meta["image_size"])))
+    except UsageError:
+        doc["params"] = None
+        warnings.warn(f"{path}: arch {meta['arch']} is unknown to this kdfine version; no parameter count",
+                      KdfineWarning, stacklevel=2)
+    doc["lineage"] = pool.lineage(p, meta, [Path(g) for g in parents or []], {sha})
+    used = pool.used
+    for g, gsha in zip(parents or [], given):
+        if gsha not in used:
+            warnings.warn(f"--parent {g} is not an ancestor of {path}", KdfineWarning, stacklevel=2)
+    return doc
+
+
+_INFO_KEYS = ("stage", "arch", "num_classes", "classes", "in_channels", "image_size", "mean", "std", "data",
+              "label_noise", "loss", "tau", "alpha", "seed", "epochs", "metrics")
+
+
+def _describe(p: Path, meta: dict[str, Any], sha: str) -> dict[str, Any]:
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    doc: dict[str, Any] = {"path": str(p), "file_size": p.stat().st_size, "sha256": sha,
+                           "kdfine_version": meta.get("kdfine_version"), "schema": meta.get("schema")}
+    doc.update({k: meta.get(k) for k in _INFO_KEYS})
+    doc["noise_seed"] = config.get("noise_seed")
+    doc["parents"] = _json_list(meta.get("parents"))
+    doc["parent_paths"] = _json_list(meta.get("parent_paths"))
+    doc["config"] = config
+    return doc
+
+
+def _json_list(v: Any) -> list:
+    """Lists are stored as JSON strings; older files may hold them decoded or not at all."""
+    if isinstance(v, str):
+        import json
+
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return []
+    return list(v) if isinstance(v, list) else []
+
+
+class _LineagePool:
+    """Finds checkpoint files by sha256, hashing each candidate file at most once."""
+
+    def __init__(self) -> None:
+        self._sha: dict[Path, str] = {}
+        self.used: set[str] = set()
+
+    def sha(self, p: Path) -> str:
+        key = p.resolve()
+        if key not in self._sha:
+            self._sha[key] = checkpoint.file_sha256(p)
+        return self._sha[key]
+
+    def _find(self, want: str, candidates: list[Path]) -> Path | None:
+        for c in candidates:
+            try:
+                if c.is_file() and self.sha(c) == want:
+                    return c
+            except OSError:
+                continue
+        return None
+
+    def lineage(self, child: Path, meta: dict[str, Any], given: list[Path], seen: set[str]) -> list[dict[str, Any]]:
+        recorded = _json_list(meta.get("parent_paths"))
+        nodes = []
+        for i, want in enumerate(_json_list(meta.get("parents"))):
+            hint = recorded[i] if i < len(recorded) else None
+            beside = sorted(child.parent.glob("*.safetensors"))
+            found = self._find(want, given + ([Path(hint)] if hint else []) + beside)
+            node: dict[str, Any] = {"sha256": want, "found": found is not None,
+                                    "path": str(found) if found else None, "recorded_path": hint}
+            if found is not None and want not in seen:
+                self.used.add(want)
+                try:
+                    pmeta = checkpoint.read_meta(found, "parent")
+                except InputError as e:
+                    node.update(found=False, path=None, error=str(e))
+                    nodes.append(node)
+                    continue
+                node.update({k: pmeta.get(k) for k in ("stage", "arch", "data", "label_noise", "loss", "tau",
+                                                        "alpha", "metrics")})
+                node["parents"] = self.lineage(found, pmeta, given, seen | {want})
+            else:
+                node["parents"] = []
+            nodes.append(node)
+        return nodes

@@ -28,7 +28,7 @@ from kdfine.models import Classifier, build
 SCHEMA = "1"
 REQUIRED = ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "classes")
 JSON_KEYS = ("num_classes", "in_channels", "image_size", "mean", "std", "classes", "tau", "alpha", "seed",
-             "epochs", "parents", "metrics", "config")
+             "epochs", "parents", "parent_paths", "metrics", "config")
 
 
 @dataclass

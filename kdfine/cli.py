@@ -27,7 +27,9 @@ app = typer.Typer(
     name="kdfine",
     help="Distil small, accurate image classifiers from imperfect data: knowledge distillation "
          "(KL and MSE on logits) and FINE noisy-label detection.\n\n"
-         "Pipeline: train-teacher -> eval --dump-features -> detect-noise -> train-teacher --keep -> distill -> eval.",
+         "Pipeline: train-teacher -> eval --dump-features -> detect-noise -> train-teacher --keep -> distill -> eval. "
+         "Every command has --help with an example; --json prints one JSON document on stdout.\n\n"
+         "Example: kdfine train-teacher --out t.safetensors | kdfine distill --teacher - --out s.safetensors",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -35,8 +37,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-TRAIN, EVAL, NOISE, UTIL = "1. Train", "2. Evaluate", "3. Find noisy labels", "Utilities"
+TRAIN, EVAL, NOISE, UTIL = "1. Train", "2. Evaluate", "3. Find noisy labels", "4. Inspect and plot"
 P_DATA, P_TRAIN, P_OUT, P_FINE = "Data", "Training", "Output", "Dynamic FINE selection"
+P_DEVICE = "Device"
 _state = {"debug": bool(os.environ.get("KDFINE_DEBUG")), "quiet": False, "rank": 0}
 
 # ------------------------------------------------------------------------------------- options
@@ -47,7 +50,8 @@ DataOpt = Annotated[Optional[str], typer.Option(
                    "imagefolder:PATH, npz:PATH. Commands given a checkpoint default to its recorded data.",
     rich_help_panel=P_DATA)]
 DataRootOpt = Annotated[Optional[str], typer.Option(
-    "--data-root", help="Directory of torchvision datasets [default: $KDFINE_CACHE/data].", rich_help_panel=P_DATA)]
+    "--data-root", help="Directory of torchvision datasets (default: $KDFINE_CACHE/data, else ~/.cache/kdfine/data).",
+    rich_help_panel=P_DATA)]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Fetch torchvision datasets into --data-root.",
                                            rich_help_panel=P_DATA)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=4, help="Resize images to N x N.",
@@ -55,7 +59,8 @@ ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=4, help
 TestFractionOpt = Annotated[float, typer.Option(
     "--test-fraction", help="Test share when a folder or npz has no test split.", rich_help_panel=P_DATA)]
 AugmentOpt = Annotated[Optional[str], typer.Option(
-    "--augment", help="crop-flip, crop, flip or none [default: crop-flip for CIFAR-like images, none for digits].",
+    "--augment", help="crop-flip, crop, flip or none (default: by dataset; crop-flip for CIFAR-like images, none for "
+                      "digits and MNIST).",
     rich_help_panel=P_DATA)]
 NoiseOpt = Annotated[Optional[str], typer.Option(
     "--label-noise", help="Inject label noise into the training split: sym:R, uniform:R, asym:R, pairflip:R or none.",
@@ -82,13 +87,15 @@ ScheduleOpt = Annotated[str, typer.Option(
     rich_help_panel=P_TRAIN)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of initialisation, data order and augmentation.",
                                       rich_help_panel=P_TRAIN)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+FitSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the mixture fit (GMM or 2-means).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.",
+                                        rich_help_panel=P_DEVICE)]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere), "
-                                           "fp32 or bf16.", rich_help_panel=P_TRAIN)]
+                                           "fp32 or bf16.", rich_help_panel=P_DEVICE)]
 ChannelsLastOpt = Annotated[str, typer.Option("--channels-last", help="auto (on for CUDA and CPU), on or off.",
-                                              rich_help_panel=P_TRAIN)]
+                                              rich_help_panel=P_DEVICE)]
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the training step.",
-                                          rich_help_panel=P_TRAIN)]
+                                          rich_help_panel=P_DEVICE)]
 EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=1, help="Test-set evaluation every N epochs.",
                                            rich_help_panel=P_TRAIN)]
 LogOpt = Annotated[Optional[str], typer.Option("--log", help="Write one JSON line per epoch to this file.",
@@ -107,6 +114,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
                                        rich_help_panel=P_OUT)]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or summaries on stderr (errors still).",
                                         rich_help_panel=P_OUT)]
+PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also draw a picture (needs the plot extra, "
+                                                "matplotlib).", rich_help_panel=P_OUT)]
 
 
 # ------------------------------------------------------------------------------------- plumbing
@@ -183,18 +192,29 @@ def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
 
 
 def _emit_json(doc: Any) -> None:
-    from kdfine import distributed
-
-    if distributed.context().is_main:
-        sys.stdout.write(json.dumps(_clean(doc), indent=2, sort_keys=False) + "\n")
-        sys.stdout.flush()
+    _write_stdout(json.dumps(_clean(doc), indent=2, sort_keys=False) + "\n")
 
 
 def _emit_line(text: str) -> None:
+    _write_stdout(text + "\n")
+
+
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+
+
+def _write_stdout(text: str) -> None:
+    """The result, on rank 0. A reader that stopped early (``kdfine info x | head``) ends the
+    command quietly, as it would any Unix tool."""
     from kdfine import distributed
 
-    if distributed.context().is_main:
-        print(text, flush=True)
+    if not distributed.context().is_main:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
 
 def _clean(x):
@@ -212,6 +232,14 @@ def _stderr():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
+
+
+def _note(text: str, quiet: bool) -> None:
+    """One line for people on stderr (rank 0, unless quiet)."""
+    from kdfine import distributed
+
+    if not quiet and distributed.context().is_main:
+        _stderr().print(text, markup=False)
 
 
 def _version(value: bool) -> None:
@@ -348,24 +376,45 @@ def eval_(
     label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch size.")] = 512,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto",
+    plot: Annotated[Optional[str], typer.Option(
+        "--plot", help="Draw reliability diagrams and confusion matrices: FILE.png (or .pdf, .svg) for one figure, "
+                       "any other PREFIX for PREFIX.reliability.png and PREFIX.confusion.png (needs matplotlib).",
+        rich_help_panel=P_OUT)] = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Top-1/top-5, NLL and ECE of checkpoints; teacher agreement; feature dumps for detect-noise.
 
-    Example: kdfine eval --model s.safetensors --teacher t.safetensors --json
+    Example: kdfine eval --model s.safetensors --teacher t.safetensors --plot s-eval.png --json
     """
     from kdfine import api, distributed
 
     if split not in ("train", "test"):
         raise typer.BadParameter("expected train or test", param_hint="--split")
+    runs: list[dict[str, Any]] = []
+    collect = None
+    if plot:
+        from kdfine import plots
+        from kdfine.io import check_writable
+
+        plots.require()
+        for p in plots.evaluation_paths(plot):
+            check_writable(p, "--plot")
+
+        def collect(ck, logits, ds):
+            runs.append({"name": Path(ck.path).name, "logits": logits, "labels": ds.labels, "classes": ds.classes})
+
     res = api.evaluate(model, data=_data(data, data_root, False if not download else True, image_size, test_fraction,
                                          None, label_noise, noise_seed, labels, None),
                        split=split, teachers=teacher, dump_features=dump_features, device=device,
-                       batch_size=batch_size, precision=precision)
+                       batch_size=batch_size, precision=precision, on_logits=collect)
+    if plot and distributed.context().is_main:
+        res["plots"] = plots.evaluation_figures(plot, runs)
     if json_out:
         _emit_json(res)
     elif not quiet and distributed.context().is_main:
         _eval_table(res)
+    if res.get("plots"):
+        _note(f"wrote {', '.join(res['plots'])}", quiet)
 
 
 def _eval_table(res: dict[str, Any]) -> None:
@@ -415,7 +464,10 @@ def detect_noise(
                                                      rich_help_panel=P_OUT)] = None,
     truth: Annotated[Optional[str], typer.Option("--truth", help="True labels .npy, to report precision/recall "
                                                  "[default: the dump's truth sidecar].")] = None,
-    seed: SeedOpt = 0,
+    seed: FitSeedOpt = 0,
+    plot: Annotated[Optional[str], typer.Option(
+        "--plot", help="Draw per-class score histograms with the split, coloured by the truth when known "
+                       "(.png, .pdf or .svg; needs matplotlib).", rich_help_panel=P_OUT)] = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Find wrong labels with FINE: per-class eigenvector alignment, 2-component mixture split.
@@ -427,14 +479,23 @@ def detect_noise(
 
     if out == "-" and json_out:
         raise UsageError("--out - and --json both want stdout; write the CSV to a file")
+    if plot:
+        from kdfine import plots
+
+        plots.require()
+        plots.check_image_path(plot)
     det, report, y, true = api.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
                                             vectors_from=vectors_from, seed=seed)
     api.write_detection(det, y, out, noisy_out)
     report.update(out=out, noisy_out=noisy_out)
+    if plot:
+        report["plot"] = _plot_detection(plot, features, det, y, true)
     if json_out:
         _emit_json(report)
     elif not quiet:
         _detection_table(report)
+        if plot:
+            _note(f"wrote {plot}", quiet)
 
 
 def _detection_table(report: dict[str, Any]) -> None:
@@ -450,12 +511,34 @@ def _detection_table(report: dict[str, Any]) -> None:
     con = _stderr()
     con.print(t)
     con.print(f"kept {report['kept']}/{report['n']} ({100 * report['kept_fraction']:.1f}%), "
-              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False)
+              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False, soft_wrap=True)
     if "truth" in report:
         q = report["truth"]
         con.print(f"against the true labels (noise {100 * q['true_noise_rate']:.1f}%): clean precision "
                   f"{q['precision']:.4f}  recall {q['recall']:.4f}  F1 {q['f1']:.4f}  AUROC {q.get('auroc', float('nan')):.4f}",
-                  markup=False)
+                  markup=False, soft_wrap=True)
+
+
+def _plot_detection(path: str, features_path: str, det, labels, true) -> str:
+    from kdfine import plots
+    from kdfine.features import read_dump
+
+    names = read_dump(features_path).info.get("classes")
+    k = int(labels.max()) + 1 if labels.size else 1
+    k = max(k, max((c.label + 1 for c in det.classes), default=k))
+    if not names or len(names) < k:
+        names = [str(c) for c in range(k)]
+    thresholds = [float("nan")] * len(names)
+    for c in det.classes:
+        thresholds[c.label] = c.threshold
+    return plots.score_histograms(path, det.scores, labels, det.keep, names,
+                                  is_clean=None if true is None else labels == true, thresholds=thresholds,
+                                  title=f"{_METHOD_TITLES.get(det.method, det.method)} of {Path(features_path).name}",
+                                  **({"xlabel": "p(label | x) from the logits"} if det.method == "small-loss" else {}))
+
+
+_METHOD_TITLES = {"gmm": "FINE alignment scores (GMM split)", "kmeans": "FINE alignment scores (2-means split)",
+                  "small-loss": "small-loss scores (GMM on the cross-entropy)"}
 
 
 @app.command("clean", rich_help_panel=NOISE)
@@ -499,6 +582,131 @@ def clean(
         _detection_table(report)
         if report.get("export"):
             _stderr().print(f"wrote {report['export']}", markup=False)
+
+
+@app.command("info", rich_help_panel=UTIL)
+@command
+def info(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint (.safetensors) to describe.", metavar="CKPT")],
+    parent: Annotated[Optional[list[str]], typer.Option(
+        "--parent", help="A teacher checkpoint to match against the recorded lineage (by sha256); repeatable. "
+                         "The recorded parent paths and the files beside each checkpoint are searched too.")] = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Describe a checkpoint: model, classes, data, noise, loss, metrics, lineage, size.
+
+    Example: kdfine info s2.safetensors --parent ../runs/teacher.safetensors --json
+    """
+    from kdfine import api
+
+    doc = api.info(ckpt, parents=parent or [])
+    if json_out:
+        _emit_json(doc)
+    else:
+        _emit_line(_info_text(doc))
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def _metrics_text(m: dict[str, Any]) -> str:
+    names = [("test_top1", "test top-1", _pct), ("test_top5", "top-5", _pct), ("test_nll", "NLL", None),
+             ("test_ece", "ECE", _pct), ("train_acc", "train acc", _pct), ("img_per_s", "img/s", None)]
+    parts = []
+    for key, label, fmt in names:
+        v = (m or {}).get(key)
+        if isinstance(v, (int, float)):
+            parts.append(f"{label} {fmt(v) if fmt else (f'{v:.0f}' if key == 'img_per_s' else f'{v:.4f}')}")
+    return ", ".join(parts) or "none recorded"
+
+
+def _training_text(d: dict[str, Any]) -> str:
+    loss = d.get("loss") or "?"
+    text = f"loss {loss}"
+    if loss in ("kl",):
+        text += f" (tau {d.get('tau')}, alpha {d.get('alpha')})"
+    elif loss in ("mse", "kl-inf"):
+        text += f" (alpha {d.get('alpha')})"
+    return text
+
+
+def _lineage_lines(nodes: list[dict[str, Any]], indent: str = "") -> list[str]:
+    lines = []
+    for i, n in enumerate(nodes):
+        last = i == len(nodes) - 1
+        branch, cont = ("`-- ", "    ") if last else ("|-- ", "|   ")
+        if n["found"]:
+            top1 = (n.get("metrics") or {}).get("test_top1")
+            desc = (f"{_shown_path(n['path'])}  {n.get('stage') or '?'} {n.get('arch')}, {_training_text(n)}, "
+                    f"test top-1 {_pct(top1)}  [sha256 {n['sha256'][:12]}]")
+        else:
+            where = f"; recorded at {n['recorded_path']}" if n.get("recorded_path") else ""
+            desc = f"? sha256 {n['sha256'][:12]} not found{where} (pass --parent FILE)"
+        lines.append(indent + branch + desc)
+        lines += _lineage_lines(n.get("parents") or [], indent + cont)
+    return lines
+
+
+def _shown_path(path: str) -> str:
+    """Relative to the working directory when below it (shorter to read), else as found."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def _info_text(d: dict[str, Any]) -> str:
+    classes = d.get("classes") or []
+    shown = ", ".join(map(str, classes[:10])) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    noise = d.get("label_noise") or "none"
+    if noise != "none" and d.get("noise_seed") is not None:
+        noise += f" (noise seed {d['noise_seed']})"
+    params = f"{d['params']:,} parameters" if isinstance(d.get("params"), int) else "parameters unknown"
+    rows = [("file", f"{d['path']}  {d['file_size']:,} bytes  sha256 {d['sha256']}"),
+            ("stage", f"{d.get('stage') or '?'} (kdfine {d.get('kdfine_version')}, schema {d.get('schema')})"),
+            ("model", f"{d.get('arch')}, {params}, input {d.get('in_channels')}x{d.get('image_size')}x"
+                      f"{d.get('image_size')}"),
+            ("classes", f"{d.get('num_classes')}: {shown}"),
+            ("data", f"{d.get('data')}, label noise {noise}"),
+            ("training", f"{_training_text(d)}, {d.get('epochs')} epochs, seed {d.get('seed')}"),
+            ("metrics", _metrics_text(d.get("metrics") or {}))]
+    lines = [f"{k:<9} {v}" for k, v in rows]
+    if d.get("lineage"):
+        lines.append("lineage   distilled from:")
+        lines += ["  " + line for line in _lineage_lines(d["lineage"])]
+    else:
+        lines.append("lineage   none (trained from labels)")
+    return "\n".join(lines)
+
+
+@app.command("plot-log", rich_help_panel=UTIL)
+@command
+def plot_log(
+    logs: Annotated[list[str], typer.Argument(help="Per-epoch logs written by --log (one JSON object per line).",
+                                              metavar="RUN.jsonl...")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Image to write (.png, .pdf or .svg).",
+                                     rich_help_panel=P_OUT)],
+    title: Annotated[str, typer.Option("--title", help="Figure title.")] = "",
+    json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Plot loss, accuracy, NLL and learning rate per epoch of one or more runs; print the image path.
+
+    Example: kdfine plot-log teacher.jsonl student.jsonl -o curves.png
+    """
+    from kdfine import plots
+
+    plots.require("plot-log")
+    plots.check_image_path(out, "--out")
+    records = [plots.read_log(p) for p in logs]
+    stems = [Path(p).stem for p in logs]
+    names = stems if len(set(stems)) == len(stems) else list(logs)
+    path = plots.training_curves(out, list(zip(names, records)), title=title, option="--out")
+    if json_out:
+        _emit_json({"path": path, "runs": [{"log": p, "name": n, "epochs": len(r), "last": r[-1]}
+                                           for p, n, r in zip(logs, names, records)]})
+    else:
+        _emit_line(path)
 
 
 def main() -> None:

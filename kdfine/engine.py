@@ -195,7 +195,7 @@ class Reporter:
 
     def print(self, text: str) -> None:
         if self.show:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)  # one line per epoch, never wrapped
 
     def close(self) -> None:
         if self.progress is not None:
@@ -379,6 +379,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         net = torch.compile(net)
     fine_on = cfg.fine_every > 0
     steps = len(batches)
+    last_test: dict[str, float] = {}  # metrics of the last epoch's evaluation, reused as the final ones
 
     try:
         with _StopFlag() as stop:
@@ -424,6 +425,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                 if test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     test_metrics = evaluate(model, test, device, precision, channels_last)
                     rec.update(test_acc=test_metrics["top1"], test_nll=test_metrics["nll"])
+                    last_test = test_metrics if epoch + 1 == cfg.epochs else {}
                 history.append(rec)
                 reporter.close()
                 reporter.epoch_line(rec, cfg.epochs)
@@ -444,7 +446,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                 log.close()
             except OSError:
                 pass  # a failed write was already reported; the error of close() would hide it
-    final = evaluate(model, test, device, precision, channels_last) if test is not None else {}
+    final = last_test or (evaluate(model, test, device, precision, channels_last) if test is not None else {})
     return FitResult(model, history, final, current if fine_on or selection is not None else None)
 
 

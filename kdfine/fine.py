@@ -53,6 +53,7 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     """
     labels = _labels(labels)
     n, d = features.shape
+    _check_labels(labels, n, num_classes)
     mask = _mask(subset, n)
     if _is_torch(features):
         import torch
@@ -108,7 +109,20 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) 
     labels = _labels(labels)
     n = features.shape[0]
     u = np.asarray(vectors, dtype=np.float64)
+    _check_labels(labels, n, u.shape[0])
     scores = np.empty(n, dtype=np.float64)
+    if _is_torch(features):
+        import torch
+
+        ut = torch.as_tensor(u, device=features.device)
+        yt = torch.as_tensor(labels, device=features.device)
+        for lo in range(0, n, chunk):
+            x = features[lo:lo + chunk].double()
+            norms = x.norm(dim=1)
+            dots = (x * ut[yt[lo:lo + chunk]]).sum(dim=1)
+            s = torch.where(norms > 0, dots.abs() / norms.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+            scores[lo:lo + chunk] = s.cpu().numpy()
+        return np.clip(scores, 0.0, 1.0)
     for lo in range(0, n, chunk):
         x = _rows(features, lo, lo + chunk).astype(np.float64)
         norms = np.linalg.norm(x, axis=1)
@@ -278,6 +292,13 @@ def _labels(labels) -> np.ndarray:
     if _is_torch(labels):
         labels = labels.detach().cpu().numpy()
     return np.asarray(labels, dtype=np.int64)
+
+
+def _check_labels(labels: np.ndarray, n: int, num_classes: int) -> None:
+    if labels.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},), got {labels.shape}")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
 
 
 def _mask(subset, n: int) -> np.ndarray | None:

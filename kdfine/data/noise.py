@@ -21,6 +21,8 @@ from kdfine.errors import UsageError
 
 KINDS = ("sym", "uniform", "asym", "pairflip")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# the standard CIFAR-10 class-dependent flips (source -> target), by class name
+CIFAR10_FLIPS = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"}
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,18 @@ def parse_noise(spec: str | None) -> NoiseSpec:
 
 def asym_map(num_classes: int, dataset: str = "", classes: list[str] | None = None) -> np.ndarray:
     """The asymmetric (class-dependent) flip map: ``map[c]`` is where class c's flipped labels go;
-    ``map[c] == c`` for classes that are never flipped."""
+    ``map[c] == c`` for classes that are never flipped.
+
+    CIFAR-10 is recognised by its ten class names (in any order, e.g. an image folder of it) or by
+    ``dataset == "cifar10"``; CIFAR-100 by ``dataset == "cifar100"``.
+    """
     m = np.arange(num_classes)
     name = dataset.lower()
-    if (name == "cifar10" or (classes is not None and tuple(classes) == CIFAR10_CLASSES)) and num_classes == 10:
-        m[9], m[2], m[4], m[3], m[5] = 1, 0, 7, 5, 3
+    named = classes is not None and len(classes) == num_classes and set(classes) == set(CIFAR10_CLASSES)
+    if named or (name == "cifar10" and num_classes == 10):
+        pos = {c: i for i, c in enumerate(classes if named else CIFAR10_CLASSES)}
+        for src, dst in CIFAR10_FLIPS.items():
+            m[pos[src]] = pos[dst]
     elif name == "cifar100" and num_classes == 100:
         m = (m // 5) * 5 + (m + 1) % 5
     else:

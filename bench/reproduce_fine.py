@@ -1,0 +1,365 @@
+#!/usr/bin/env python
+"""Reproduce the FINE comparison (Kim, Ko, Cho et al., NeurIPS 2021) with the kdfine CLI.
+
+For each dataset and label noise (sym 20/50/80%, asym 40% by default):
+
+(a) detection: a model is trained with cross-entropy on the noisy labels, its penultimate
+    features are dumped (``eval --dump-features``) and the wrong labels are looked for with FINE
+    (``detect-noise``) and with the small-loss 2-GMM detector on the same model's logits
+    (``detect-noise --method small-loss``, DivideMix style): clean-set precision, recall, F1 and
+    the AUROC of the score for finding the wrong labels;
+(b) test accuracy of CE on the noisy labels (the same model), CE retrained on FINE's selection
+    (``train-teacher --keep``), and dynamic FINE (``train-teacher --fine-warmup W --fine-every E``).
+
+Scales:
+  quick        digits (embedded), a small CNN: minutes on a CPU.
+  cifar10-cpu  a class-balanced 10k-image subset of the CIFAR-10 JPEG train set (``--keep``), all
+               10k test images, a small ResNet: about an hour on 2 CPU cores.
+  paper        full CIFAR-10 and CIFAR-100 (torchvision), ResNet-34 with the official FINE
+               schedule, for a GPU; the table shows the published accuracies beside ours.
+
+Every step writes its result into ``--out`` (default ``runs/fine-<scale>``) and is skipped when
+that result exists, and training runs with ``--resume``: rerun the same command to continue after
+an interruption. Prints JSON lines and Markdown tables, with the command and the date, on stdout;
+the same go to ``<out>/results.jsonl`` and ``<out>/results.md``.
+
+    python bench/reproduce_fine.py --scale quick
+    python bench/reproduce_fine.py --scale cifar10-cpu --cifar-root /path/to/cifar10-jpeg
+    python bench/reproduce_fine.py --scale paper --data-root ~/data --download --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NOISES = ("sym:0.2", "sym:0.5", "sym:0.8", "asym:0.4")
+# Published test accuracy (%) of FINE (dynamic selection, CE, ResNet-34) in the paper's table.
+PUBLISHED = {("cifar10", "sym:0.8"): 69.4, ("cifar10", "asym:0.4"): 89.5,
+             ("cifar100", "sym:0.8"): 25.6, ("cifar100", "asym:0.4"): 61.7}
+
+
+@dataclass
+class Setup:
+    """One dataset at one scale: what to train and how."""
+
+    name: str  # short name in tables: digits, cifar10, cifar100
+    data: str  # the --data spec
+    arch: str
+    epochs: int
+    train_args: list[str]  # lr, schedule, weight decay, batch size, ...
+    warmup: int  # dynamic FINE: --fine-warmup
+    every: int  # dynamic FINE: --fine-every
+    keep: Path | None = None  # a subset of the training set (--keep)
+    data_args: list[str] = field(default_factory=list)  # --data-root, --download
+
+
+def setups(args: argparse.Namespace, out: Path) -> list[Setup]:
+    if args.scale == "quick":
+        return [Setup("digits", "digits", "cnn", 30, [], warmup=10, every=5)]
+    if args.scale == "cifar10-cpu":
+        root = cifar_root(args, out)
+        keep = balanced_subset(root, out / "subset.csv", per_class=args.per_class)
+        # resnet20 trains at roughly 240 img/s on 2 cores here (wrn-16-1: 120): 10 epochs per run
+        return [Setup("cifar10", f"imagefolder:{root}", args.arch or "resnet20", args.epochs or 10,
+                      ["--lr", "0.1", "--schedule", "cosine", "--eval-every", "100"],
+                      warmup=args.warmup or 4, every=2, keep=keep)]
+    data_args = (["--data-root", args.data_root] if args.data_root else []) + (["--download"] if args.download else [])
+    common = ["--lr", "0.02", "--weight-decay", "1e-3", "--batch-size", "128", "--eval-every", "10"]
+    out_setups = [Setup("cifar10", "cifar10", "resnet34", 120, common + ["--schedule", "multistep:40,80"],
+                        warmup=50, every=5, data_args=data_args),
+                  Setup("cifar100", "cifar100", "resnet34", 150, common + ["--schedule", "multistep:80,120"],
+                        warmup=50, every=5, data_args=data_args)]
+    return [s for s in out_setups if not args.datasets or s.name in args.datasets]
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def cifar_root(args: argparse.Namespace, out: Path) -> Path:
+    """The CIFAR-10 JPEG ImageFolder tree: ``--cifar-root`` when it holds train/ and test/, else the
+    archive extracted (once) into ``<out>/cifar10-jpeg``."""
+    for cand in [args.cifar_root, out / "cifar10-jpeg"]:
+        if cand and (Path(cand) / "train").is_dir() and (Path(cand) / "test").is_dir():
+            return Path(cand).resolve()
+    archive = Path(args.archive)
+    if not archive.exists():
+        sys.exit(f"reproduce_fine: no CIFAR-10 JPEG tree (--cifar-root) and no archive {archive} (--archive)")
+    dest = out / "cifar10-jpeg"
+    tmp = out / ".cifar10-jpeg.partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    note(f"extracting {archive} into {dest}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    inner = next(p.parent for p in tmp.rglob("train") if (p.parent / "test").is_dir())
+    inner.rename(dest)
+    return dest.resolve()
+
+
+def balanced_subset(root: Path, path: Path, per_class: int, seed: int = 0) -> Path:
+    """``per_class`` training indices of every class (seeded), as a ``--keep`` CSV."""
+    if path.exists():
+        return path
+    from kdfine.data.sources import load_source
+
+    labels = load_source(f"imagefolder:{root}").train.labels
+    rng = np.random.default_rng(seed)
+    idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                                  for c in np.unique(labels)]))
+    write_index(path, idx)
+    return path
+
+
+def write_index(path: Path, idx: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("index\n" + "".join(f"{i}\n" for i in idx.tolist()))
+    tmp.replace(path)
+
+
+def read_index(path: Path) -> np.ndarray:
+    return np.loadtxt(path, dtype=np.int64, delimiter=",", skiprows=1, usecols=0, ndmin=1)
+
+
+def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Path, device: str) -> None:
+    """What ``eval --split train --dump-features`` writes, for the ``--keep`` rows only (the samples
+    the model was trained on), through the library: the CLI's eval always covers the whole split.
+    ``<dest>.index.npy`` maps the dump's rows back to dataset indices."""
+    from kdfine import api, checkpoint, distributed, features
+
+    ctx = distributed.setup(device)
+    ck = checkpoint.load(model, "cpu", "--model")
+    prep = api.prepare_data(api.DataOptions(data=s.data, label_noise=noise))
+    train = prep.train
+    f, z = features.extract(ck.model.to(ctx.device), train.images[keep], ck.meta["mean"], ck.meta["std"],
+                            device=ctx.device, channels_last=features.use_channels_last("auto", ctx.device))
+    info = {"checkpoint": str(model), "data": s.data, "split": "train", "label_noise": noise, "noise_seed": 0,
+            "num_classes": train.num_classes, "classes": train.classes, "n": int(keep.size), "dim": int(f.shape[1]),
+            "keep": str(s.keep)}
+    np.save(str(dest)[:-4] + ".index.npy", keep)
+    features.write_dump(dest, f, z, train.labels[keep], info, prep.truth[keep])
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def note(msg: str) -> None:
+    print(f"[reproduce_fine {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Runner:
+    """Runs ``kdfine`` subcommands in subprocesses, logs each command, skips finished steps."""
+
+    def __init__(self, out: Path, device: str, dry_run: bool = False):
+        self.out, self.device, self.dry_run = out, device, dry_run
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.times_path = out / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+
+    def kdfine(self, key: str, done: Path, *args: Any, stdout: Path | None = None) -> None:
+        """``kdfine ARGS`` unless ``done`` exists; with ``stdout``, its output saved there."""
+        if done.exists():
+            return
+        argv = [str(a) for a in args]
+        shown = "kdfine " + shlex.join(argv)
+        with open(self.out / "commands.sh", "a") as f:
+            f.write(shown + "\n")
+        note(shown)
+        if self.dry_run:
+            return
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "kdfine", *argv], env=self.env, text=True,
+                           stdout=subprocess.PIPE, stderr=None)
+        if r.returncode != 0:
+            sys.exit(f"reproduce_fine: step {key} failed (exit {r.returncode}): {shown}")
+        if stdout is not None:
+            tmp = stdout.with_suffix(".tmp")
+            tmp.write_text(r.stdout)
+            tmp.replace(stdout)
+        self.record(key, time.perf_counter() - t0)
+
+    def record(self, key: str, seconds: float) -> None:
+        self.times[key] = round(seconds, 1)
+        self.times_path.write_text(json.dumps(self.times, indent=1, sort_keys=True))
+
+
+def slug(noise: str) -> str:
+    return noise.replace(":", "-")
+
+
+def run_cell(run: Runner, s: Setup, noise: str, device: str, scale: str) -> dict[str, Any] | None:
+    """All steps for one dataset and noise; returns the result row (None on a dry run)."""
+    d = run.out / s.name / slug(noise)
+    d.mkdir(parents=True, exist_ok=True)
+    key = f"{s.name}/{slug(noise)}"
+    base = ["--data", s.data, *s.data_args, "--label-noise", noise, "--arch", s.arch, "--epochs", str(s.epochs),
+            *s.train_args, "--device", device, "--resume"]
+    subset = ["--keep", s.keep] if s.keep is not None else []
+
+    # (b1) CE on the noisy labels; also the model whose features drive the detection
+    run.kdfine(f"{key}/ce", d / "ce.safetensors", "train-teacher", *base, *subset, "--log", d / "ce.jsonl",
+               "--out", d / "ce.safetensors", "-q")
+    # (a) features of the training set, FINE and small-loss detection
+    dump = d / "features.npy"
+    if s.keep is None:
+        run.kdfine(f"{key}/dump", dump, "eval", "--model", d / "ce.safetensors", "--split", "train",
+                   "--dump-features", dump, "--device", device, "-q")
+    elif not dump.exists() and not run.dry_run:
+        note(f"features of the {s.keep.name} rows of the training set -> {dump}")
+        t0 = time.perf_counter()
+        subset_dump(d / "ce.safetensors", s, noise, read_index(s.keep), dump, device)
+        run.record(f"{key}/dump", time.perf_counter() - t0)
+    run.kdfine(f"{key}/fine", d / "fine.json", "detect-noise", "--features", dump, "--out", d / "fine_clean.csv",
+               "--json", stdout=d / "fine.json")
+    run.kdfine(f"{key}/small-loss", d / "small_loss.json", "detect-noise", "--features", dump, "--method",
+               "small-loss", "--out", d / "small_loss_clean.csv", "--json", stdout=d / "small_loss.json")
+    # (b2) CE retrained on FINE's selection (indices of the dataset, not of the dump)
+    keep_fine = d / "fine_keep.csv"
+    if not keep_fine.exists() and not run.dry_run:
+        rows = read_index(d / "fine_clean.csv")
+        if s.keep is not None:
+            rows = np.load(str(dump)[:-4] + ".index.npy")[rows]
+        write_index(keep_fine, rows)
+    run.kdfine(f"{key}/retrain", d / "retrain.safetensors", "train-teacher", *base, "--keep", keep_fine,
+               "--log", d / "retrain.jsonl", "--out", d / "retrain.safetensors", "-q")
+    # (b3) dynamic FINE during training
+    run.kdfine(f"{key}/dynamic", d / "dynamic.safetensors", "train-teacher", *base, *subset,
+               "--fine-warmup", str(s.warmup), "--fine-every", str(s.every), "--log", d / "dynamic.jsonl",
+               "--out", d / "dynamic.safetensors", "-q")
+    if run.dry_run:
+        return None
+    return result_row(run, s, noise, d, scale)
+
+
+def result_row(run: Runner, s: Setup, noise: str, d: Path, scale: str) -> dict[str, Any]:
+    from kdfine.checkpoint import read_meta
+
+    def acc(name: str) -> float:
+        m = read_meta(d / f"{name}.safetensors")["metrics"]
+        return round(100 * float((json.loads(m) if isinstance(m, str) else m)["test_top1"]), 2)
+
+    def detection(name: str) -> dict[str, Any]:
+        doc = json.loads((d / f"{name}.json").read_text())
+        q = doc.get("truth", {})
+        return {"kept_fraction": round(doc["kept_fraction"], 4),
+                **{k: round(q[k], 4) for k in ("precision", "recall", "f1", "auroc") if q.get(k) is not None}}
+
+    fine_doc = json.loads((d / "fine.json").read_text())
+    selections = [json.loads(line) for line in (d / "dynamic.jsonl").read_text().splitlines() if "fine_kept" in line]
+    last = selections[-1] if selections else {}
+    key = f"{s.name}/{slug(noise)}"
+    return {
+        "scale": scale, "dataset": s.name, "noise": noise, "arch": s.arch, "epochs": s.epochs,
+        "n_train": fine_doc["n"], "true_noise_rate": round(fine_doc.get("truth", {}).get("true_noise_rate", 0.0), 4),
+        "fine": detection("fine"), "small_loss": detection("small_loss"),
+        "acc": {"ce_noisy": acc("ce"), "ce_fine_selection": acc("retrain"), "dynamic_fine": acc("dynamic")},
+        "dynamic_last_selection": {k[5:]: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()
+                                   if k.startswith("fine_")},
+        "published_fine": PUBLISHED.get((s.name, noise)),
+        "seconds": {k.rsplit("/", 1)[1]: v for k, v in run.times.items() if k.startswith(key + "/")},
+    }
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def markdown(rows: list[dict[str, Any]], scale: str) -> str:
+    paper = scale == "paper"
+    def prf(q: dict[str, Any]) -> str:
+        return " / ".join(fmt(q.get(k), True) for k in ("precision", "recall", "f1"))
+
+    lines = ["(a) Detection of the wrong labels from one model trained with CE on the noisy labels (its final "
+             "epoch): clean-set precision / recall / F1 (%, clean = positive, as the paper reports) and the AUROC "
+             "of the score for finding the wrong labels. Last column: the last selection of dynamic FINE during "
+             "its training.", "",
+             "| data | noise | true noise | FINE P / R / F1 | FINE AUROC | small-loss P / R / F1 | small-loss AUROC "
+             "| dynamic FINE P / R / F1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        f, s = r["fine"], r["small_loss"]
+        lines.append(f"| {r['dataset']} | {r['noise']} | {fmt(r['true_noise_rate'], True)} | {prf(f)} | "
+                     f"{fmt(f.get('auroc'))} | {prf(s)} | {fmt(s.get('auroc'))} | {prf(r['dynamic_last_selection'])} |")
+    head = "| data | noise | arch, epochs | CE on noisy labels | CE on FINE's selection | dynamic FINE |"
+    sep = "|---|---|---|---:|---:|---:|"
+    if paper:
+        head += " FINE, published |"
+        sep += "---:|"
+    lines += ["", "(b) Test accuracy (%), final epoch.", "", head, sep]
+    for r in rows:
+        a = r["acc"]
+        line = (f"| {r['dataset']} | {r['noise']} | {r['arch']}, {r['epochs']} | {a['ce_noisy']:.2f} | "
+                f"{a['ce_fine_selection']:.2f} | {a['dynamic_fine']:.2f} |")
+        if paper:
+            line += f" {fmt(r['published_fine'])} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=("quick", "cifar10-cpu", "paper"), default="quick")
+    p.add_argument("--out", type=Path, help="cache and results directory [default: runs/fine-<scale>]")
+    p.add_argument("--noise", default=",".join(NOISES), help="comma-separated noise specs [default: %(default)s]")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--datasets", nargs="*", help="paper scale: cifar10 and/or cifar100 [default: both]")
+    p.add_argument("--data-root", help="paper scale: torchvision dataset directory")
+    p.add_argument("--download", action="store_true", help="paper scale: download CIFAR-10/100")
+    p.add_argument("--cifar-root", default=os.environ.get("KDFINE_CIFAR10_JPEG"),
+                   help="cifar10-cpu: the CIFAR-10 JPEG ImageFolder tree [default: $KDFINE_CIFAR10_JPEG, or the "
+                        "archive extracted into <out>]")
+    p.add_argument("--archive", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
+                   help="cifar10-cpu: the CIFAR-10 JPEG archive to extract when there is no tree")
+    p.add_argument("--per-class", type=int, default=1000, help="cifar10-cpu: training images per class")
+    p.add_argument("--arch", help="cifar10-cpu: architecture [default: resnet20]")
+    p.add_argument("--epochs", type=int, help="cifar10-cpu: epochs [default: 10]")
+    p.add_argument("--warmup", type=int, help="cifar10-cpu: dynamic FINE warm-up epochs [default: 4]")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = p.parse_args(argv)
+    out = (args.out or ROOT / "runs" / f"fine-{args.scale}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/reproduce_fine.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    run = Runner(out, args.device, args.dry_run)
+    rows = []
+    t0 = time.perf_counter()
+    for s in setups(args, out):
+        for noise in [n.strip() for n in args.noise.split(",") if n.strip()]:
+            row = run_cell(run, s, noise, args.device, args.scale)
+            if row is not None:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.dry_run:
+        return
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    where = f"{platform.machine()}, {os.cpu_count()} CPUs, device {args.device}"
+    steps = sum(sum(r["seconds"].values()) for r in rows)
+    md = (f"Scale `{args.scale}`, {date}, {where}: {steps / 60:.0f} min of steps in all (this invocation "
+          f"{time.perf_counter() - t0:.0f} s; finished steps cached in the output directory are not rerun).\n\n"
+          f"    {command}\n\n" + markdown(rows, args.scale) + "\n")
+    print("\n" + md)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "results.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()

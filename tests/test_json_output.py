@@ -1,0 +1,116 @@
+"""Machine-readable output: with --json every command prints exactly one JSON document on stdout
+and nothing else; -q leaves stderr empty unless there is an error; progress bars appear only
+when stderr is a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, run_cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits_teacher, noisy_dump):
+    """Each command once with --json (and -q), from one small pipeline; name -> (args, result)."""
+    d = tmp_path_factory.mktemp("json")
+    out = {}
+
+    def go(name, *args):
+        out[name] = (args, run_cli(*args))
+        return out[name][1]
+
+    # train-teacher without -q: stderr has the per-epoch lines, stdout must still be pure JSON
+    r = go("train-teacher", "train-teacher", "--epochs", "2", "--out", d / "t.safetensors", "--log", d / "t.jsonl",
+           "--json")
+    assert r.returncode == 0, r.stderr
+    go("distill", "distill", "--teacher", digits_teacher, "--epochs", "1", "--out", d / "s.safetensors", "--json", "-q")
+    go("eval", "eval", "--model", digits_teacher, "--model", d / "t.safetensors", "--json", "-q")
+    go("detect-noise", "detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--json", "-q")
+    go("clean", "clean", "--model", digits_teacher, "--out", d / "kept.csv", "--json", "-q")
+    go("info", "info", d / "s.safetensors", "--json", "-q")
+    go("plot-log", "plot-log", d / "t.jsonl", "-o", d / "curves.png", "--json", "-q")
+    return out
+
+
+COMMANDS = ["train-teacher", "distill", "eval", "detect-noise", "clean", "info", "plot-log"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_stdout_is_exactly_one_json_document(runs, name):
+    args, r = runs[name]
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # fails on anything before or after the document
+    assert isinstance(doc, dict) and r.stdout.endswith("}\n")
+    if "-q" in args:
+        assert r.stderr == "", f"{name} -q wrote to stderr:\n{r.stderr}"
+
+
+def test_json_shapes(runs):
+    t = json.loads(runs["train-teacher"][1].stdout)
+    assert {"path", "sha256", "stage", "arch", "metrics", "epochs"} <= set(t)
+    assert t["stage"] == "teacher" and len(t["epochs"]) == 2 and 0 <= t["metrics"]["test_top1"] <= 1
+    assert "epoch 2/2" in runs["train-teacher"][1].stderr  # people still get progress without -q
+    s = json.loads(runs["distill"][1].stdout)
+    assert s["stage"] == "student" and Path(s["path"]).is_file()
+    e = json.loads(runs["eval"][1].stdout)
+    assert e["split"] == "test" and [m["arch"] for m in e["models"]] == ["cnn", "cnn"]
+    assert all({"top1", "top5", "nll", "ece"} <= set(m) for m in e["models"])
+    dn = json.loads(runs["detect-noise"][1].stdout)
+    assert dn["kept"] + sum(c["total"] - c["kept"] for c in dn["classes"]) == dn["n"]
+    assert 0.0 <= dn["truth"]["precision"] <= 1.0  # the dump has a truth sidecar
+    c = json.loads(runs["clean"][1].stdout)
+    assert c["data"] == "digits" and c["kept"] <= c["n"]
+    i = json.loads(runs["info"][1].stdout)
+    assert i["stage"] == "student" and i["lineage"][0]["found"] is True
+    p = json.loads(runs["plot-log"][1].stdout)
+    assert p["runs"][0]["epochs"] == 2 and Path(p["path"]).is_file()
+
+
+def test_quiet_still_reports_errors_in_one_line(tmp_path):
+    r = run_cli("eval", "--model", tmp_path / "missing.safetensors", "--json", "-q")
+    assert r.returncode == 3 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "missing.safetensors" in r.stderr
+
+
+def test_csv_and_json_cannot_share_stdout(noisy_dump):
+    r = run_cli("detect-noise", "--features", noisy_dump, "--out", "-", "--json")
+    assert r.returncode == 2 and r.stdout == "" and "--json" in r.stderr
+
+
+def run_with_tty_stderr(args: list[str], cwd: Path) -> tuple[int, str, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal; returns (exit code, stdout, stderr bytes)."""
+    master, slave = pty.openpty()
+    env = cli_env({"TERM": "xterm-256color", "COLUMNS": "100"})
+    p = subprocess.Popen([sys.executable, "-m", "kdfine", *args], stdout=subprocess.PIPE, stderr=slave,
+                         env=env, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    out = p.stdout.read().decode()
+    return p.wait(timeout=300), out, b"".join(chunks)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    args = ["train-teacher", "--epochs", "1", "--out", "t.safetensors"]
+    code, out, err = run_with_tty_stderr(args, tmp_path)
+    assert code == 0 and out == "t.safetensors\n"
+    assert b"\x1b[" in err and "\u2501".encode() in err  # ANSI control and rich's bar glyph
+    plain = run_cli(*args, cwd=tmp_path)
+    assert plain.returncode == 0
+    assert "\x1b" not in plain.stderr and "\u2501" not in plain.stderr
+    assert "epoch 1/1" in plain.stderr

@@ -5,7 +5,6 @@ DeviceError for a device that is not there), never another exception."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -205,9 +205,7 @@ EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
 def _write_stdout(text: str) -> None:
     """The result, on rank 0. A reader that stopped early (``kdfine info x | head``) ends the
     command quietly, as it would any Unix tool."""
-    from kdfine import distributed
-
-    if not distributed.context().is_main:
+    if not _is_main():
         return
     try:
         sys.stdout.write(text)
@@ -234,11 +232,16 @@ def _stderr():
     return Console(stderr=True, highlight=False)
 
 
-def _note(text: str, quiet: bool) -> None:
-    """One line for people on stderr (rank 0, unless quiet)."""
+def _is_main() -> bool:
+    """Rank 0 of a torchrun job, or the only process."""
     from kdfine import distributed
 
-    if not quiet and distributed.context().is_main:
+    return distributed.context().is_main
+
+
+def _note(text: str, quiet: bool) -> None:
+    """One line for people on stderr (rank 0, unless quiet)."""
+    if not quiet and _is_main():
         _stderr().print(text, markup=False)
 
 
@@ -386,13 +389,11 @@ def eval_(
 
     Example: kdfine eval --model s.safetensors --teacher t.safetensors --plot s-eval.png --json
     """
-    from kdfine import api, distributed
-
     if split not in ("train", "test"):
         raise typer.BadParameter("expected train or test", param_hint="--split")
     runs: list[dict[str, Any]] = []
     collect = None
-    if plot:
+    if plot:  # before importing the library: a missing matplotlib fails at once
         from kdfine import plots
         from kdfine.io import check_writable
 
@@ -402,6 +403,8 @@ def eval_(
 
         def collect(ck, logits, ds):
             runs.append({"name": Path(ck.path).name, "logits": logits, "labels": ds.labels, "classes": ds.classes})
+
+    from kdfine import api, distributed
 
     res = api.evaluate(model, data=_data(data, data_root, False if not download else True, image_size, test_fraction,
                                          None, label_noise, noise_seed, labels, None),
@@ -474,16 +477,17 @@ def detect_noise(
 
     Example: kdfine detect-noise --features f.npy --out clean_idx.csv --noisy-out noisy_idx.csv
     """
-    from kdfine import api
     from kdfine.errors import UsageError
 
     if out == "-" and json_out:
         raise UsageError("--out - and --json both want stdout; write the CSV to a file")
-    if plot:
+    if plot:  # before importing the library: a missing matplotlib fails at once
         from kdfine import plots
 
         plots.require()
         plots.check_image_path(plot)
+    from kdfine import api
+
     det, report, y, true = api.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
                                             vectors_from=vectors_from, seed=seed)
     api.write_detection(det, y, out, noisy_out)
@@ -559,7 +563,7 @@ def clean(
     data: DataOpt = None, data_root: DataRootOpt = None, download: DownloadOpt = False,
     image_size: ImageSizeOpt = None, test_fraction: TestFractionOpt = 0.2,
     label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None,
-    seed: SeedOpt = 0, device: DeviceOpt = "auto",
+    seed: FitSeedOpt = 0, device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Feature-extraction batch size.")] = 512,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:

@@ -104,7 +104,7 @@ def score_histograms(path: str | Path, scores: np.ndarray, labels: np.ndarray, k
         thr = thresholds[c] if thresholds is not None and c < len(thresholds) else None
         if thr is not None and math.isfinite(thr):
             ax.axvline(thr, color="black", linestyle="--", linewidth=1)
-            ax.axvspan(bins[0], thr, color=NEUTRAL_COLOUR, alpha=0.15, linewidth=0)
+            ax.axvspan(bins[0], thr, color=NEUTRAL_COLOUR, alpha=0.15, linewidth=0, zorder=0)  # behind the bars
         ax.set_title(f"{classes[c]}: kept {int(keep[m].sum())}/{int(m.sum())}", fontsize=9)
         ax.tick_params(labelsize=7)
     first = axes.flat[0]

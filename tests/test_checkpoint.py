@@ -52,7 +52,7 @@ def test_channels_last_models_save(tmp_path):
 def test_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"hello, not a checkpoint")
-    with pytest.raises(InputError, match="not a safetensors file"):
+    with pytest.raises(InputError, match="not a readable safetensors file"):
         checkpoint.load(bad)
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))

@@ -133,7 +133,7 @@ def test_output_and_model_errors(cli, tmp_path, digits_teacher):
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\x00" * 64)
     r = cli("eval", "--model", fake)
-    assert r.returncode == 3 and "not a safetensors file" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 3 and "not a readable safetensors file" in r.stderr and len(r.stderr.splitlines()) == 1
     r = cli("eval", "--model", digits_teacher, "--dump-features", tmp_path / "nowhere" / "f.npy")
     assert r.returncode == 3 and not (tmp_path / "nowhere").exists()
     r = cli("--debug", "eval", "--model", fake)

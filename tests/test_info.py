@@ -39,7 +39,7 @@ def info_json(*args) -> dict:
     return json.loads(r.stdout)
 
 
-def test_fields_size_and_parameter_count(chain):
+def test_fields_size_parameter_count_and_lineage(chain):
     from kdfine.models import build, param_count
 
     doc = info_json(chain["s2"])
@@ -50,10 +50,8 @@ def test_fields_size_and_parameter_count(chain):
     assert doc["classes"] == [str(i) for i in range(10)] and doc["num_classes"] == 10
     assert 0.0 <= doc["metrics"]["test_top1"] <= 1.0 and doc["epochs"] == 1
     assert doc["parents"] == [sha(chain["s1"])]
-
-
-def test_lineage_through_recorded_paths(chain):
-    (s1,) = info_json(chain["s2"])["lineage"]
+    # the lineage, found through the paths recorded when each student was distilled
+    (s1,) = doc["lineage"]
     assert s1["found"] and Path(s1["path"]).resolve() == chain["s1"].resolve()
     assert (s1["arch"], s1["loss"], s1["tau"]) == ("cnn-16", "kl", 2.0)
     (t,) = s1["parents"]
@@ -94,7 +92,6 @@ def test_human_output_and_unrelated_parent_warning(chain, digits_teacher, tmp_pa
     assert r.returncode == 0, r.stderr
     assert "cnn-8" in r.stdout and "distilled from" in r.stdout and "teacher cnn" in r.stdout
     assert "not an ancestor" in r.stderr
-    assert run_cli("info", chain["s2"], "--parent", other, "-q").stderr == ""
 
 
 def test_bad_input_is_one_line_exit_3(chain, tmp_path):

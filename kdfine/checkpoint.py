@@ -117,7 +117,8 @@ def read_meta(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, An
         with safe_open(str(p), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise InputError(f"{what} {p}: not a safetensors file, or a truncated or damaged one ({_short(e)})") from None
+        raise InputError(f"{what} {p}: not a readable safetensors file: truncated, damaged or another format "
+                         f"({_short(e)})") from None
     if raw.get("kdfine_version") is None or any(k not in raw for k in REQUIRED):
         missing = [k for k in ("kdfine_version", *REQUIRED) if k not in raw]
         raise InputError(f"{what} {p}: a safetensors file but not a kdfine checkpoint "

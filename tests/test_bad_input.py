@@ -179,7 +179,7 @@ def _good_dump(d, s):
 
 CASES: dict[str, Case] = {
     "truncated-safetensors": Case(_model(_truncated), 3, "truncated", "out.npy", debug=True),
-    "not-safetensors": Case(_model(_text), 3, "not a safetensors file", "out.npy"),
+    "not-safetensors": Case(_model(_text), 3, "not a readable safetensors file", "out.npy"),
     "safetensors-without-kdfine-metadata": Case(_model(_foreign), 3, "not a kdfine checkpoint", "out.npy"),
     "tensors-do-not-match-arch": Case(_model(_wrong_arch), 3, "do not match its recorded arch mlp", "out.npy"),
     "teacher-student-class-mismatch": Case(_three_classes, 3, "num_classes is 10 but the data", "out.safetensors",

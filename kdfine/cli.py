@@ -466,7 +466,7 @@ def detect_noise(
     noisy_out: Annotated[Optional[str], typer.Option("--noisy-out", help="Also write the rejected samples as CSV.",
                                                      rich_help_panel=P_OUT)] = None,
     truth: Annotated[Optional[str], typer.Option("--truth", help="True labels .npy, to report precision/recall "
-                                                 "[default: the dump's truth sidecar].")] = None,
+                                                 "(default: the dump's truth sidecar).")] = None,
     seed: FitSeedOpt = 0,
     plot: Annotated[Optional[str], typer.Option(
         "--plot", help="Draw per-class score histograms with the split, coloured by the truth when known "

@@ -183,6 +183,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def agree(value: int) -> bool:
+    """Whether every rank holds the same integer ``value`` (always true for a single process)."""
+    if not _ctx.distributed:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=_ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (e.g. a path read from stdin, or an error message)."""
     if not _ctx.distributed:

@@ -352,7 +352,8 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                             raise RuntimeError(f"momentum buffer {gi}.{pi} has shape {tuple(buf.shape)}")
                         optimizer.state[p]["momentum_buffer"] = buf.to(device)
         except RuntimeError as e:
-            raise InputError(f"--resume: {state_file} does not fit this model ({str(e).splitlines()[0][:160]}); "
+            detail = " ".join(str(e).split())[:200]
+            raise InputError(f"--resume: {state_file} does not fit this model ({detail}); "
                              "delete it to start from scratch") from None
         if "selection" in tensors:
             current = tensors["selection"].numpy()
@@ -362,6 +363,9 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         reporter.print(f"resuming from {state_file} after epoch {start}/{cfg.epochs}")
     elif resume and ctx.is_main:
         reporter.print(f"--resume: no saved state at {state_file}; starting from scratch")
+    if resume and not distributed.agree(start):
+        raise InputError(f"--resume: the processes of this job found different states at {state_file}; "
+                         "--out must be on a file system that every process sees")
 
     log = None
     if log_path and ctx.is_main:

@@ -158,9 +158,12 @@ def _read_rows(path: Path, what: str) -> list[list[str]]:
 
 def _parse_int(text: str, path: Path, line: int, what: str) -> int:
     try:
-        return int(text.strip())
+        value = int(text.strip())
     except ValueError:
-        raise InputError(f"{what} {path}, line {line}: '{text.strip()}' is not an integer") from None
+        raise InputError(f"{what} {path}, line {line}: '{text.strip()[:40]}' is not an integer") from None
+    if not -(2**63) <= value < 2**63:  # beyond int64: no index or label can be that large
+        raise InputError(f"{what} {path}, line {line}: {text.strip()[:40]} is out of range")
+    return value
 
 
 def read_index(path: str | os.PathLike, n: int | None = None, what: str = "index list") -> np.ndarray:

@@ -2,9 +2,8 @@
 
 Every failing case must exit with the code of DESIGN.md, print exactly one line on stderr and no
 traceback, and leave its directory exactly as it was: an existing output file byte-identical, no
-partial or temporary file. With ``--debug`` (a subset of the cases, one per kind of failure) the
-traceback comes first and the exit code stays the same. Warnings are one line and do not stop
-the command.
+partial or temporary file. With ``--debug`` the traceback comes before that line and the exit
+code stays the same. Warnings are one line and do not stop the command.
 
 The commands run side by side (a module fixture starts them all); each test waits for its own.
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +40,6 @@ class Case:
     message: str  # a fragment of the one stderr line
     out: str | None = None
     stdin: str | None = None
-    debug: bool = False  # also run with --debug
 
 
 def _dump(d: Path, name: str, feats: np.ndarray, labels: np.ndarray, k: int = K) -> Path:
@@ -179,20 +176,19 @@ def _good_dump(d, s):
 
 
 CASES: dict[str, Case] = {
-    "truncated-safetensors": Case(_model(_truncated), 3, "truncated", "out.npy", debug=True),
+    "truncated-safetensors": Case(_model(_truncated), 3, "truncated", "out.npy"),
     "not-safetensors": Case(_model(_text), 3, "not a readable safetensors file", "out.npy"),
     "safetensors-without-kdfine-metadata": Case(_model(_foreign), 3, "not a kdfine checkpoint", "out.npy"),
     "tensors-do-not-match-arch": Case(_model(_wrong_arch), 3, "do not match its recorded arch mlp", "out.npy"),
-    "teacher-student-class-mismatch": Case(_three_classes, 3, "num_classes is 10 but the data", "out.safetensors",
-                                           debug=True),
+    "teacher-student-class-mismatch": Case(_three_classes, 3, "num_classes is 10 but the data", "out.safetensors"),
     "features-with-nan": Case(_with(feats=lambda f: _set(f, (7, 2), np.nan)), 3, "row 7 contains NaN or inf",
-                              "out.csv", debug=True),
+                              "out.csv"),
     "features-with-inf": Case(_with(feats=lambda f: _set(f, (9, 0), -np.inf)), 3, "row 9 contains NaN or inf",
                               "out.csv"),
     "features-and-labels-lengths-differ": Case(_with(labels=lambda y: y[:-5]), 3, f"has {N - 5} rows", "out.csv"),
     "label-above-range": Case(_with(labels=lambda y: _set(y, 4, K)), 3, f"label {K} is outside [0, {K})", "out.csv"),
     "label-negative": Case(_with(labels=lambda y: _set(y, 4, -1)), 3, f"label -1 is outside [0, {K})", "out.csv"),
-    "index-negative": Case(_keep("index\n3\n-2\n"), 3, "negative index -2", "out.safetensors", debug=True),
+    "index-negative": Case(_keep("index\n3\n-2\n"), 3, "negative index -2", "out.safetensors"),
     "index-duplicate": Case(_keep("index\n3\n8\n3\n"), 3, "index 3 appears more than once", "out.safetensors"),
     "index-out-of-range": Case(_keep("index\n0\n60\n"), 3, "index 60 is out of range for 60 samples",
                                "out.safetensors"),
@@ -203,18 +199,18 @@ CASES: dict[str, Case] = {
     "missing-path": Case(lambda d, s: _detect(d / "nowhere.npy"), 3, "nowhere.npy: no such file", "out.csv"),
     "unreadable-path": Case(_model(_unreadable), 3, "t.safetensors", "out.npy"),
     "out-in-missing-directory": Case(lambda d, s: _detect(_good_dump(d, s), d / "no" / "dir" / "out.csv"), 3,
-                                     "does not exist; create it first", debug=True),
+                                     "does not exist; create it first"),
     "out-in-read-only-directory": Case(lambda d, s: _detect(_good_dump(d, s), _read_only_dir(d, s)), 3,
                                        "cannot create files in"),
     "out-under-a-regular-file": Case(lambda d, s: _detect(_good_dump(d, s), d / "f.json" / "out.csv"), 3,
                                      "is not a directory"),
     "disk-full-csv": Case(lambda d, s: _detect(_good_dump(d, s), "/dev/full"), 3,
-                          "cannot write /dev/full: No space left on device", debug=True),
+                          "cannot write /dev/full: No space left on device"),
     "disk-full-checkpoint": Case(lambda d, s: _train(s, "--out", "/dev/full", "-q"), 3,
                                  "cannot write /dev/full: No space left on device"),
     "teacher-stdin-empty": Case(lambda d, s: ["distill", "--teacher", "-", "--arch", "mlp", "--epochs", "1",
                                               "--out", "out.safetensors"], 3, "nothing was read from stdin",
-                                "out.safetensors", stdin="", debug=True),
+                                "out.safetensors", stdin=""),
 }
 
 WARNINGS: dict[str, tuple[Callable, str]] = {
@@ -269,8 +265,7 @@ def results(tmp_path_factory, shared) -> dict[str, Future]:
 
     for name, case in CASES.items():
         futures[name] = pool.submit(job, name, case.make, case.out, case.stdin, False)
-        if case.debug:
-            futures[f"{name}+debug"] = pool.submit(job, f"{name}+debug", case.make, case.out, case.stdin, True)
+        futures[f"{name}+debug"] = pool.submit(job, f"{name}+debug", case.make, case.out, case.stdin, True)
     for name, (make, _) in WARNINGS.items():
         futures[name] = pool.submit(job, name, make, None, None, False)
     yield futures
@@ -294,7 +289,7 @@ def test_bad_input_fails_cleanly(results, name):
     assert dev_full_sidecars() == [], "nothing may be written beside /dev/full"
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.debug])
+@pytest.mark.parametrize("name", list(CASES))
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(results, name):
     case = CASES[name]
     r, d, before, after = results[f"{name}+debug"].result()

@@ -97,21 +97,22 @@ def test_only_rank_zero_prints_and_writes(runs):
     log = [json.loads(line) for line in (d / "ddp.jsonl").read_text().splitlines()]
     assert [rec["epoch"] for rec in log] == [1, 2, 3, 4]
     # metrics are all-reduced: each epoch counts the images of both ranks, as one process would
-    assert {rec["train_images"] for rec in log} == {1438 // 128 * 128}
+    n = np.load(d / "one_f.labels.npy").shape[0]
+    assert {rec["train_images"] for rec in log} == {n // 128 * 128}
     assert not Path(f"{d / 'ddp.safetensors'}.state.safetensors").exists()
     doc = json.loads(runs["ddp_dump"].stdout)  # one JSON document, not one per rank
-    assert doc["n"] == 1438
+    assert doc["n"] == n
 
 
 def test_feature_dump_is_row_for_row_the_single_process_dump(runs):
     d = runs["dir"]
     for suffix in ("npy", "logits.npy"):
         a, b = np.load(d / f"ddp_f.{suffix}"), np.load(d / f"one_f.{suffix}")
-        assert a.shape == b.shape and a.shape[0] == 1438
+        assert a.shape == b.shape and a.shape[0] > 1000
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for suffix in ("labels.npy", "truth.npy"):
         assert np.array_equal(np.load(d / f"ddp_f.{suffix}"), np.load(d / f"one_f.{suffix}"))
-    assert json.loads((d / "ddp_f.json").read_text())["n"] == 1438
+    assert json.loads((d / "ddp_f.json").read_text())["n"] == a.shape[0]
 
 
 def test_detect_noise_on_the_ddp_dump_gives_the_same_selection(runs):
@@ -119,7 +120,7 @@ def test_detect_noise_on_the_ddp_dump_gives_the_same_selection(runs):
     for k in ("ddp", "one"):
         assert runs[f"{k}_detect"].returncode == 0, runs[f"{k}_detect"].stderr
     kept = np.loadtxt(d / "one.csv", delimiter=",", skiprows=1, usecols=0, dtype=np.int64)
-    assert 0 < kept.size < 1438  # a real split of the noisy labels
+    assert 0 < kept.size < np.load(d / "one_f.labels.npy").shape[0]  # a real split of the noisy labels
     assert (d / "ddp.csv").read_text() == (d / "one.csv").read_text()
 
 

@@ -31,7 +31,10 @@ class NoiseSpec:
     rate: float
 
     def __str__(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{self.rate:g}"
+        if self.kind == "none":
+            return "none"
+        short = f"{self.rate:g}"  # sym:0.4, not sym:0.40000000000000002; exact when :g would round
+        return f"{self.kind}:{short if float(short) == self.rate else repr(self.rate)}"
 
 
 def parse_noise(spec: str | None) -> NoiseSpec:

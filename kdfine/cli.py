@@ -144,9 +144,8 @@ def command(fn: Callable) -> Callable:
                 raise
             _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
         finally:
-            from kdfine import distributed
-
-            distributed.teardown()
+            if "kdfine.distributed" in sys.modules:  # never imported (detect-noise): nothing to tear down
+                sys.modules["kdfine.distributed"].teardown()
 
     return wrapper
 
@@ -156,18 +155,20 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _emit_json(doc: Any) -> None:
-    from kdfine import distributed
+def _is_main() -> bool:
+    """Rank 0 under torchrun, or a single process; never imports torch for commands that do not."""
+    mod = sys.modules.get("kdfine.distributed")
+    return mod is None or mod.context().is_main
 
-    if distributed.context().is_main:
+
+def _emit_json(doc: Any) -> None:
+    if _is_main():
         sys.stdout.write(json.dumps(_clean(doc), indent=2, sort_keys=False) + "\n")
         sys.stdout.flush()
 
 
 def _emit_line(text: str) -> None:
-    from kdfine import distributed
-
-    if distributed.context().is_main:
+    if _is_main():
         print(text, flush=True)
 
 
@@ -396,14 +397,14 @@ def detect_noise(
 
     Example: kdfine detect-noise --features f.npy --out clean_idx.csv --noisy-out noisy_idx.csv
     """
-    from kdfine import api
+    from kdfine import detection  # not api: detect-noise never imports torch
     from kdfine.errors import UsageError
 
     if out == "-" and json_out:
         raise UsageError("--out - and --json both want stdout; write the CSV to a file")
-    det, report, y, true = api.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
-                                            vectors_from=vectors_from, seed=seed)
-    api.write_detection(det, y, out, noisy_out)
+    det, report, y, true = detection.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
+                                                  vectors_from=vectors_from, seed=seed)
+    detection.write_detection(det, y, out, noisy_out)
     report.update(out=out, noisy_out=noisy_out)
     if json_out:
         _emit_json(report)

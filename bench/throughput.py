@@ -261,6 +261,7 @@ def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar,
     rng = np.random.default_rng(args.seed)
     subset = np.sort(rng.choice(len(cifar.train), args.steps * args.batch_size, replace=False))
     flops = train_flops_per_image(arch, teacher_arch, device)
+    gpu_peak_mb(device)  # reset the peak: each pipeline's own use is reported
     teacher_b = make_teacher(teacher_arch, device, args.seed) if teacher_arch else None
     conv = Conventional(arch, teacher_b, cifar, subset, device=device, batch=args.batch_size, workers=args.workers,
                         seed=args.seed)
@@ -488,6 +489,7 @@ def main() -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device")
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     print(f"# {benchinfo.command_line()}", flush=True)
     info = benchinfo.machine()

@@ -68,7 +68,7 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     return det, report, y, true
 
 
-def _check_finite(x: np.ndarray, path: str, chunk: int = 1 << 16) -> None:
+def _check_finite(x: np.ndarray, path: str, chunk: int = fine.CHUNK) -> None:
     for lo, block in fine.row_blocks(x, chunk):  # streamed: a memory map never becomes resident
         if not np.isfinite(block).all():
             row = lo + int(np.argwhere(~np.isfinite(block))[0][0])

@@ -16,11 +16,13 @@ Inputs may be numpy arrays, memory-mapped ``.npy`` arrays or torch tensors (comp
 device). A memory-mapped ``.npy`` is streamed with plain reads into one reused buffer, never mapped
 page by page, so the resident memory stays near one chunk whatever N is.
 
-Thread pools: numpy, scipy and scikit-learn each load their own BLAS/OpenMP pool; on a small machine
-two busy pools fight for the cores (an ``eigh`` of a 512 x 512 matrix ran 10x slower). So the gram's
-large BLAS-3 calls get all of this process's CPUs and everything else (eigen-solves, scores,
-mixture fits: many small calls) runs with every pool limited to one thread. ``small_loss_split`` is the DivideMix-style detector on per-sample cross-entropy, for
-comparison.
+Thread pools: numpy, scipy and scikit-learn each load their own BLAS/OpenMP pool, and on a small
+machine pools that spin for work fight for the cores: an ``eigh`` of a 512 x 512 matrix ran 10x
+slower, a mixture fit 8x. So every pool is limited to one thread while FINE runs, and the two
+passes over the features are parallelised by kdfine itself, over classes (grams) and row slices
+(scores), with one thread per usable CPU (see :func:`cpu_threads`).
+
+``small_loss_split`` is the DivideMix-style detector on per-sample cross-entropy, for comparison.
 """
 
 from __future__ import annotations
@@ -108,8 +110,12 @@ def cpu_threads() -> int:
 
 @contextlib.contextmanager
 def thread_limit(threads: int):
-    """Limit every BLAS and OpenMP pool loaded in the process (numpy's, scipy's, scikit-learn's)
-    to ``threads`` for the duration."""
+    """Limit the BLAS and OpenMP pools of numpy, scipy and scikit-learn to ``threads`` for the
+    duration. The libraries are loaded first: a limit only reaches the pools already loaded."""
+    import scipy.linalg.blas  # noqa: F401
+    import scipy.sparse.linalg  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.mixture  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=threads):
@@ -139,43 +145,90 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
                 xk = x[yc == k]
                 grams[k] += (xk.T @ xk).double()
         return grams.cpu().numpy()
-    from scipy.linalg.blas import ssyrk
-
     # Per class, syrk adds x^T x of each chunk's rows into a float32 partial sum (its lower
     # triangle, in place) and the partial sum joins the float64 total every FLUSH_ROWS rows: one
     # float64 add per FLUSH_ROWS rows instead of one per class per chunk, which cost more than the
-    # products themselves when classes are many.
+    # products themselves when classes are many. Each worker thread owns the classes k with
+    # k % threads == its number, so no two threads touch the same sums.
     grams = np.zeros((num_classes, d, d), dtype=np.float64)
     part = np.zeros((num_classes, d, d), dtype=np.float32)
     pending = np.zeros(num_classes, dtype=np.int64)
-    with thread_limit(cpu_threads()):
+    threads = cpu_threads()
+    with _Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
             yc = labels[lo:lo + block.shape[0]]
             if mask is not None:
                 block, yc = block[mask[lo:lo + block.shape[0]]], yc[mask[lo:lo + block.shape[0]]]
-            order = np.argsort(yc, kind="stable")
-            x = np.ascontiguousarray(block[order], dtype=np.float32)
-            yc = yc[order]
-            bounds = np.flatnonzero(np.diff(yc)) + 1
-            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(yc)]):
-                if stop <= start:
-                    continue
-                k = int(yc[start])
-                # part[k].T is Fortran-ordered: syrk writes its upper = part[k]'s lower triangle
-                out = ssyrk(1.0, x[start:stop].T, beta=1.0, c=part[k].T, trans=0, lower=0, overwrite_c=1)
-                if not np.may_share_memory(out, part[k]):
-                    part[k] = out.T
-                pending[k] += stop - start
-                if pending[k] >= FLUSH_ROWS:
-                    grams[k] += part[k]
-                    part[k] = 0.0
-                    pending[k] = 0
+            groups = _class_groups(yc)
+            pool.run(_add_grams, [([g for g in groups if g[0] % threads == w], block, part, grams, pending)
+                                  for w in range(threads)])
     for k in np.flatnonzero(pending):
         grams[k] += part[k]
     del part
     for g in grams:  # lower triangle -> full symmetric matrix
         g += np.tril(g, -1).T
     return grams
+
+
+def _class_groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """[(class, ascending row indices of that class)] for the classes present in ``labels``."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    bounds = np.flatnonzero(np.diff(sorted_labels)) + 1
+    return [(int(sorted_labels[a]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(order)])
+            if b > a]
+
+
+def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray) -> None:
+    from scipy.linalg.blas import ssyrk
+
+    for k, idx in groups:
+        xk = np.take(block, idx, axis=0)
+        if xk.dtype != np.float32:
+            xk = xk.astype(np.float32)
+        # part[k].T is Fortran-ordered: syrk writes its upper triangle, part[k]'s lower one
+        out = ssyrk(1.0, xk.T, beta=1.0, c=part[k].T, trans=0, lower=0, overwrite_c=1)
+        if not np.may_share_memory(out, part[k]):
+            part[k] = out.T
+        pending[k] += idx.size
+        if pending[k] >= FLUSH_ROWS:
+            grams[k] += part[k]
+            part[k] = 0.0
+            pending[k] = 0
+
+
+class _Workers:
+    """A thread pool with every BLAS/OpenMP pool limited to one thread: kdfine parallelises over
+    classes and row slices itself. numpy and BLAS release the GIL, and such coarse tasks keep
+    their speed when other processes share the cores, where one multi-threaded BLAS call stalls
+    each time one of its threads is descheduled."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.limit = thread_limit(1)
+        self.pool = None
+
+    def __enter__(self) -> "_Workers":
+        self.limit.__enter__()
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kdfine-fine")
+        return self
+
+    def run(self, fn, arg_lists) -> None:
+        """``fn(*args)`` for each args in ``arg_lists``, in parallel; returns when all are done."""
+        if self.pool is None:
+            for args in arg_lists:
+                fn(*args)
+            return
+        for f in [self.pool.submit(fn, *args) for args in arg_lists]:
+            f.result()
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.limit.__exit__(*exc)
 
 
 def top_eigenvectors(grams: np.ndarray) -> np.ndarray:
@@ -228,22 +281,27 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) 
     n = features.shape[0]
     u = np.asarray(vectors, dtype=np.float64)
     scores = np.empty(n, dtype=np.float64)
-    with thread_limit(1):
+    threads = cpu_threads()
+    with _Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
-            yc = labels[lo:lo + block.shape[0]]
-            order = np.argsort(yc, kind="stable")
-            x = block[order].astype(np.float64)  # rows grouped by class: one matrix-vector product each
-            ys = yc[order]
-            dots = np.empty(len(ys))
-            bounds = np.flatnonzero(np.diff(ys)) + 1
-            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(ys)]):
-                if stop > start:
-                    dots[start:stop] = x[start:stop] @ u[ys[start]]
-            norms = np.sqrt(np.einsum("nd,nd->n", x, x))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                s = np.where(norms > 0, np.abs(dots) / norms, 0.0)
-            scores[lo + order] = s
+            m = block.shape[0]
+            cuts = [m * w // threads for w in range(threads + 1)]
+            pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b])
+                                   for a, b in zip(cuts[:-1], cuts[1:]) if b > a])
     return np.clip(scores, 0.0, 1.0)
+
+
+def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64; rows grouped by class, so that each
+    class is one matrix-vector product."""
+    dots = np.empty(x.shape[0])
+    norms = np.empty(x.shape[0])
+    for k, idx in _class_groups(labels):
+        xk = np.take(x, idx, axis=0).astype(np.float64)
+        dots[idx] = xk @ u[k]
+        norms[idx] = np.sqrt(np.einsum("nd,nd->n", xk, xk))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[:] = np.where(norms > 0, np.abs(dots) / norms, 0.0)
 
 
 @dataclass
@@ -272,7 +330,6 @@ def split(scores: np.ndarray, labels, *, zeta: float = 0.5, method: str = "gmm",
     k = int(num_classes if num_classes is not None else (labels.max(initial=-1) + 1))
     by_class = np.argsort(labels, kind="stable")  # each class's indices, ascending, in one sort
     ends = np.cumsum(np.bincount(labels, minlength=k)[:k]) if labels.size else np.zeros(k, np.int64)
-    _import_estimators(method)  # loaded before the limit below, so that it covers their OpenMP pool
     with thread_limit(1):
         for c in range(k):
             idx = by_class[(ends[c - 1] if c else 0):ends[c]]
@@ -280,13 +337,6 @@ def split(scores: np.ndarray, labels, *, zeta: float = 0.5, method: str = "gmm",
                 continue
             _split_class(c, idx, scores, p_clean, report, zeta, method, seed)
     return p_clean > zeta, p_clean, report
-
-
-def _import_estimators(method: str) -> None:
-    if method == "gmm":
-        import sklearn.mixture  # noqa: F401
-    else:
-        import sklearn.cluster  # noqa: F401
 
 
 def _split_class(c: int, idx: np.ndarray, scores: np.ndarray, p_clean: np.ndarray, report: list,

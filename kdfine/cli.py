@@ -133,10 +133,10 @@ def command(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from kdfine import distributed
+        from kdfine.launch import launch_rank
 
         _state["quiet"] = bool(kwargs.get("quiet"))
-        _state["rank"] = distributed.launch_rank()
+        _state["rank"] = launch_rank()
         warnings.showwarning = _show_warning
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", module="torch")
@@ -155,7 +155,8 @@ def command(fn: Callable) -> Callable:
             where = f" {e.filename}" if getattr(e, "filename", None) else ""
             _fail(f"cannot access{where}: {e.strerror or e}", EXIT_INPUT, e)
         except Exception as e:
-            if distributed.lost_peer(e):
+            dist = sys.modules.get("kdfine.distributed")
+            if dist is not None and dist.lost_peer(e):
                 _fail("another process of this torchrun job stopped; its error is reported above", 1, e)
             _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1, e)
         finally:
@@ -164,7 +165,8 @@ def command(fn: Callable) -> Callable:
                 sys.stdout = stdout
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
-            distributed.teardown()
+            if "kdfine.distributed" in sys.modules:  # never imported (detect-noise, info): nothing to tear down
+                sys.modules["kdfine.distributed"].teardown()
 
     return wrapper
 
@@ -233,10 +235,9 @@ def _stderr():
 
 
 def _is_main() -> bool:
-    """Rank 0 of a torchrun job, or the only process."""
-    from kdfine import distributed
-
-    return distributed.context().is_main
+    """Rank 0 of a torchrun job, or the only process; never imports torch for commands that do not."""
+    mod = sys.modules.get("kdfine.distributed")
+    return mod is None or mod.context().is_main
 
 
 def _note(text: str, quiet: bool) -> None:
@@ -486,11 +487,11 @@ def detect_noise(
 
         plots.require()
         plots.check_image_path(plot)
-    from kdfine import api
+    from kdfine import detection  # not api: detect-noise never imports torch
 
-    det, report, y, true = api.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
-                                            vectors_from=vectors_from, seed=seed)
-    api.write_detection(det, y, out, noisy_out)
+    det, report, y, true = detection.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
+                                                  vectors_from=vectors_from, seed=seed)
+    detection.write_detection(det, y, out, noisy_out)
     report.update(out=out, noisy_out=noisy_out)
     if plot:
         report["plot"] = _plot_detection(plot, features, det, y, true)

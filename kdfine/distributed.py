@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kdfine.errors import DeviceError, KdfineError, UsageError
+from kdfine.launch import env_int as _env_int, launch_rank, launched_by_torchrun  # noqa: F401
 
 
 @dataclass
@@ -41,22 +42,6 @@ _ctx = Context()
 
 def context() -> Context:
     return _ctx
-
-
-def launched_by_torchrun() -> bool:
-    return _env_int("WORLD_SIZE", 1) > 1 and "RANK" in os.environ
-
-
-def launch_rank() -> int:
-    """This process's rank as torchrun announced it (0 outside torchrun), known before :func:`setup`."""
-    return _env_int("RANK", 0) if launched_by_torchrun() else 0
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 def resolve_device(option: str = "auto", local_rank: int = 0) -> torch.device:

@@ -8,22 +8,38 @@ spec, split, noise spec) and, when noise was injected, ``f.truth.npy`` (the true
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from kdfine import distributed
-from kdfine.data.batches import eval_batches
 from kdfine.errors import InputError, UsageError
 from kdfine.io import atomic_open, atomic_save_npy, check_writable, is_special, load_npy
+
+if TYPE_CHECKING:  # torch is imported where it is used: reading a dump (detect-noise) never loads it
+    import torch
+
+
+def _inference_mode(fn):
+    """``torch.inference_mode()`` as a decorator that imports torch only when called."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def autocast(device: torch.device, precision: str):
     """bf16 autocast when ``precision`` resolves to bf16 on ``device``, else a no-op context."""
+    import torch
+
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -46,13 +62,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-@torch.inference_mode()
+@_inference_mode
 def extract(model: torch.nn.Module, images: np.ndarray, mean, std, *, device: torch.device,
             batch_size: int = 512, precision: str = "auto", channels_last: bool = False,
             features: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """Features (N, D) float32 (or None when ``features`` is False) and logits (N, K) float32 of
     uint8 NHWC ``images``. Under torchrun each rank computes its shard and all ranks receive the
     full arrays in dataset order."""
+    import torch
+
+    from kdfine import distributed
+    from kdfine.data.batches import eval_batches
+
     was_training = model.training
     model.eval()
     if channels_last:
@@ -119,7 +140,7 @@ def write_dump(path: str | Path, features: np.ndarray, logits: np.ndarray, label
 
 @dataclass
 class Dump:
-    """A feature dump as read back: ``features`` may be memory-mapped."""
+    """A feature dump as read back: ``features`` (and ``logits``) may be memory-mapped."""
 
     features: np.ndarray
     labels: np.ndarray | None
@@ -139,11 +160,11 @@ def read_dump(path: str | Path, mmap: bool = True) -> Dump:
         raise InputError(f"--features {path}: expected float features, got {feats.dtype}")
     n = feats.shape[0]
 
-    def optional(suffix: str, what: str):
+    def optional(suffix: str, what: str, lazy: bool = False):
         p = sidecar(path, suffix)
         if not p.exists():
             return None
-        a = load_npy(p, what)
+        a = load_npy(p, what, mmap=mmap and lazy)
         if a.shape[0] != n:
             raise InputError(f"{what} {p}: has {a.shape[0]} rows, the features {path} have {n}")
         return a
@@ -155,5 +176,5 @@ def read_dump(path: str | Path, mmap: bool = True) -> Dump:
             info = json.loads(jp.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"--features sidecar {jp}: not valid JSON ({e})") from None
-    return Dump(feats, optional("labels.npy", "labels"), optional("logits.npy", "logits"),
+    return Dump(feats, optional("labels.npy", "labels"), optional("logits.npy", "logits", lazy=True),
                 optional("truth.npy", "truth"), info)

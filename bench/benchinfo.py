@@ -1,0 +1,74 @@
+"""What every kdfine benchmark prints besides its numbers: the machine, the command, the date, JSON
+lines and Markdown tables. Standard library only, so that it costs nothing to import."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from importlib import metadata
+import os
+import platform
+import shlex
+import sys
+from typing import Any, Sequence
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: other work on the machine shows here."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, usable cores, OS and the versions of the libraries that set the speed."""
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": usable_cpus(), "os": platform.platform(),
+                            "python": platform.python_version()}
+    for dist in ("numpy", "scipy", "scikit-learn", "threadpoolctl", "torch", "torchvision"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One measurement as one JSON line on stdout, flushed at once (a long run shows progress)."""
+    print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"

@@ -1,0 +1,88 @@
+"""``detect-noise``: FINE (or the small-loss detector) on a feature dump, and the CSVs it writes.
+
+Kept free of torch: reading a dump and detecting needs only numpy, scipy and scikit-learn, and
+importing torch alone would cost more than a second and hundreds of MB of resident memory
+per run (CUDA builds load their GPU libraries at import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kdfine import features, fine, metrics
+from kdfine.errors import InputError, UsageError
+from kdfine.io import check_label_range, read_index, read_labels
+
+
+def detect_noise(features_path: str, *, labels: str | None = None, truth: str | None = None, zeta: float = 0.5,
+                 method: str = "gmm", vectors_from: str | None = None, seed: int = 0,
+                 num_classes: int | None = None) -> tuple[fine.Detection, dict[str, Any], np.ndarray, np.ndarray | None]:
+    """FINE (or the small-loss detector) on a feature dump. Returns the detection, a JSON-ready
+    report, the labels used and the true labels (when known)."""
+    if method not in fine.METHODS:
+        raise UsageError(f"--method '{method}': expected one of {', '.join(fine.METHODS)}")
+    if not 0.0 <= zeta < 1.0:
+        raise UsageError(f"--zeta {zeta}: must lie in [0, 1)")
+    dump = features.read_dump(features_path)
+    n = dump.features.shape[0]
+    y = dump.labels
+    if labels:
+        k_hint = num_classes or int(dump.info.get("num_classes") or 0) or np.iinfo(np.int64).max
+        y = read_labels(labels, n, k_hint)
+    if y is None:
+        raise InputError(f"--features {features_path}: no labels sidecar ({features.sidecar(features_path, 'labels.npy')}); "
+                         "pass --labels FILE")
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"labels for {features_path}: expected a 1-D integer array, got {y.dtype} {y.shape}")
+    if y.shape[0] != n:
+        raise InputError(f"labels for {features_path}: {y.shape[0]} labels for {n} feature rows")
+    k = int(num_classes or dump.info.get("num_classes") or (int(y.max()) + 1 if y.size else 1))
+    check_label_range(y, k, f"labels for {features_path}")
+    true = dump.truth
+    if truth:
+        true = features.load_npy(truth, "--truth")
+        if true.shape != y.shape:
+            raise InputError(f"--truth {truth}: has shape {true.shape}, the labels {y.shape}")
+    basis = None
+    if vectors_from:
+        basis = read_index(vectors_from, n, "--vectors-from")
+    if method == "small-loss":
+        if dump.logits is None:
+            raise InputError(f"--method small-loss needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
+                             " (written by `kdfine eval --dump-features`)")
+        logits = np.asarray(dump.logits, dtype=np.float64)
+        if not np.isfinite(logits).all():
+            raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf")
+    else:
+        logits = None
+        _check_finite(dump.features, features_path)
+    det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
+    report = det.summary()
+    report["features"] = str(features_path)
+    report["zeta"] = zeta
+    if true is not None:
+        report["truth"] = metrics.detection(det.keep, y == true, det.scores)
+    return det, report, y, true
+
+
+def _check_finite(x: np.ndarray, path: str, chunk: int = fine.CHUNK) -> None:
+    for lo, block in fine.row_blocks(x, chunk):  # streamed: a memory map never becomes resident
+        if not np.isfinite(block).all():
+            row = lo + int(np.argwhere(~np.isfinite(block))[0][0])
+            raise InputError(f"--features {path}: row {row} contains NaN or inf; re-extract the features")
+
+
+def write_detection(det: fine.Detection, labels: np.ndarray, out: str, noisy_out: str | None = None) -> None:
+    """``index,label,score,p_clean`` CSVs of the kept (``out``) and rejected (``noisy_out``) rows."""
+    from kdfine.io import write_csv
+
+    def rows(idx):
+        return [idx, labels[idx], det.scores[idx], det.p_clean[idx]]
+
+    header, fmts = ["index", "label", "score", "p_clean"], ["{}", "{}", "{:.6f}", "{:.6f}"]
+    if noisy_out:
+        write_csv(noisy_out, header, rows(np.flatnonzero(~det.keep)), fmts)
+    write_csv(out, header, rows(det.clean_index), fmts)

@@ -1,0 +1,158 @@
+"""The fast paths give the same results as the plain computations they replace.
+
+FINE: streamed file reads, syrk grams with float32 partial sums, the Lanczos top eigenvector, the
+class-grouped scores and the per-class split, against direct numpy formulas. Training: a
+channels_last step against the plain NCHW step on the same batch.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kdfine import fine
+from kdfine.data.batches import TrainBatches
+from kdfine.losses import kd_loss
+from kdfine.models import build
+
+
+def synthetic(n: int = 3000, d: int = 96, k: int = 5, noise: float = 0.3, seed: int = 0):
+    """Non-negative features with one direction per class, and labels with a share flipped."""
+    rng = np.random.default_rng(seed)
+    means = np.maximum(rng.standard_normal((k, d)), 0)
+    y = rng.integers(0, k, n)
+    x = np.maximum(means[y] * rng.uniform(0.5, 1.5, (n, 1)) + 0.3 * rng.standard_normal((n, d)), 0)
+    flip = rng.random(n) < (noise if k > 1 else 0.0)
+    noisy = y.copy()
+    noisy[flip] = (y[flip] + rng.integers(1, max(k, 2), flip.sum())) % k
+    return x.astype(np.float32), noisy
+
+
+def test_row_blocks_read_a_file_like_the_array(tmp_path):
+    x, _ = synthetic(n=1001, d=7)
+    np.save(tmp_path / "f.npy", x)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert fine._npy_file(mm) is not None and fine._npy_file(mm[10:]) is None
+    blocks = [(lo, b.copy()) for lo, b in fine.row_blocks(mm, chunk=128)]
+    assert [lo for lo, _ in blocks] == list(range(0, 1001, 128))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), x)
+
+
+def test_streamed_file_is_not_resident(tmp_path):
+    """Reading a 256 MB dump block by block leaves the resident set far below its size."""
+    path = tmp_path / "big.npy"
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(131072, 512))
+    rows[:] = 1.0
+    del rows
+    # VmHWM, not getrusage: a child's ru_maxrss starts from its parent's (this test process's) RSS
+    code = ("import numpy as np; from kdfine import fine\n"
+            f"x = np.load({str(path)!r}, mmap_mode='r'); s = 0.0\n"
+            "for lo, b in fine.row_blocks(x): s += float(b[:, 0].sum())\n"
+            "assert s == x.shape[0], s\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print(int(hwm.split()[1]) // 1024)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 200, f"peak RSS {r.stdout.strip()} MB while streaming a 256 MB file"
+
+
+@pytest.mark.parametrize("k, flush", [(1, 64), (5, 8192), (40, 8)])
+def test_grams_match_the_direct_products(monkeypatch, k, flush):
+    monkeypatch.setattr(fine, "FLUSH_ROWS", flush)
+    x, y = synthetic(n=2500, d=48, k=k)
+    mask = np.random.default_rng(1).random(len(y)) < 0.7
+    grams = fine.class_grams(x, y, k, subset=mask, chunk=300)
+    x64 = x.astype(np.float64)
+    for c in range(k):
+        rows = x64[(y == c) & mask]
+        np.testing.assert_allclose(grams[c], rows.T @ rows, rtol=2e-6, atol=1e-6)
+        np.testing.assert_array_equal(grams[c], grams[c].T)
+
+
+def test_lanczos_top_eigenvector_matches_eigh():
+    x, y = synthetic(n=4000, d=256, k=3)
+    for g in fine.class_grams(x, y, 3):
+        u = fine.top_eigenvector(g)
+        ref = np.linalg.eigh(g)[1][:, -1]
+        assert abs(abs(u @ ref) - 1) < 1e-12
+    # a matrix whose top eigenvalue is not separated falls back to eigh and still returns a unit vector
+    eye = np.eye(80)
+    u = fine.top_eigenvector(eye)
+    assert abs(np.linalg.norm(u) - 1) < 1e-12
+
+
+def reference_detect(x, y, k, seed=0):
+    """FINE as the formulas read: full eigh per class, float64 scores, one GMM per class."""
+    from sklearn.mixture import GaussianMixture
+
+    x64 = x.astype(np.float64)
+    keep = np.zeros(len(y), bool)
+    scores = np.zeros(len(y))
+    for c in range(k):
+        rows = x64[y == c]
+        u = np.linalg.eigh(rows.T @ rows)[1][:, -1]
+        s = np.abs(rows @ u) / np.linalg.norm(rows, axis=1)
+        scores[y == c] = s
+        gmm = GaussianMixture(2, covariance_type="full", tol=1e-6, random_state=seed).fit(s[:, None])
+        keep[y == c] = gmm.predict_proba(s[:, None])[:, gmm.means_.argmax()] > 0.5
+    return keep, scores
+
+
+def test_detect_matches_the_reference_on_a_file(tmp_path):
+    x, y = synthetic(n=6000, d=128, k=6)
+    np.save(tmp_path / "f.npy", x)
+    det = fine.detect(np.load(tmp_path / "f.npy", mmap_mode="r"), y, 6, chunk=1000)
+    keep, scores = reference_detect(x, y, 6)
+    np.testing.assert_allclose(det.scores, scores, rtol=0, atol=1e-6)  # float32 products, as the dump
+    np.testing.assert_array_equal(det.keep, keep)
+    assert 0.55 < keep.mean() < 0.85  # the synthetic noise is found: the split is not trivial
+
+
+def test_detect_noise_cli_does_not_import_torch(tmp_path):
+    x, y = synthetic(n=500, d=16, k=3)
+    np.save(tmp_path / "f.npy", x)
+    np.save(tmp_path / "f.labels.npy", y)
+    code = ("import sys; from kdfine.cli import main\n"
+            f"sys.argv = ['kdfine', 'detect-noise', '--features', {str(tmp_path / 'f.npy')!r}, '--out', "
+            f"{str(tmp_path / 'c.csv')!r}, '-q']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.csv").read_text().startswith("index,label,score,p_clean\n")
+
+
+def one_step(model, x, y, *, channels_last: bool):
+    """Loss and parameters after one SGD step from a copy of ``model``'s state."""
+    import copy
+
+    m = copy.deepcopy(model)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    loss = kd_loss(m(x), None, y, loss="ce")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), [p.detach().clone() for p in m.parameters()]
+
+
+def test_channels_last_step_matches_the_plain_step():
+    torch.manual_seed(0)
+    model = build("wrn-10-1", 10)
+    rng = np.random.default_rng(0)
+    b = TrainBatches(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64),
+                     (0.5,) * 3, (0.25,) * 3, batch_size=32, device=torch.device("cpu"), augment="crop-flip")
+    x, y, _ = next(b.epoch(0))
+    l0, p0 = one_step(model, x, y, channels_last=False)
+    l1, p1 = one_step(model, x, y, channels_last=True)
+    assert abs(l0 - l1) < 1e-4
+    for before, a, c in zip(model.parameters(), p0, p1):  # the same update up to float reassociation
+        before = before.detach()
+        step0, step1 = a - before, c.contiguous() - before
+        assert torch.linalg.vector_norm(step0 - step1) <= 1e-2 * torch.linalg.vector_norm(step0) + 1e-7

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kdfine-installed
 # A pinned pair that pip serves from the local cache; pyproject.toml itself only asks torch>=2.4.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test groff bench-quick completions man clean-venv
+.PHONY: demo test groff completions man clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

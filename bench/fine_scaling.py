@@ -258,8 +258,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512, help="feature dimension D [default: 512]")
     ap.add_argument("--workdir", help="where the synthetic .npy files go [default: a temporary directory]")
     ap.add_argument("--keep-files", action="store_true", help="keep the .npy files (reused by the next run)")
-    ap.add_argument("--official-max-per-class", type=int, default=5000,
-                    help="largest class for the full-matrices SVD; above, the economy SVD [default: 5000]")
+    ap.add_argument("--official-max-per-class", type=int, default=8000,
+                    help="largest class for the full-matrices SVD; above, the economy SVD [default: 8000]")
     ap.add_argument("--reference-max-n", type=int, default=1_000_000,
                     help="largest N for which the economy-SVD reference runs [default: 1000000]")
     ap.add_argument("--worker-make", nargs=4, metavar=("PATH", "N", "D", "K"), help=argparse.SUPPRESS)

@@ -8,17 +8,19 @@ For features z_i (N, D) and labels y_i:
    then the top eigenpair of each D x D gram in float64 (Lanczos, checked, with ``eigh`` as the
    fallback).
 2. score_i = |<u_{y_i}, z_i / ||z_i||>| in [0, 1].
-3. Per class, a 2-component GaussianMixture on the scores (full covariance, tol 1e-6, seeded); the
-   component with the larger mean is clean; keep i if P(clean | score_i) > zeta (default 0.5).
-   ``method="kmeans"`` uses 2-means instead (hard assignment).
+3. Per class, a 2-component Gaussian mixture on the scores (full covariance, tol 1e-6, k-means
+   initialisation seeded with ``seed``: scikit-learn's ``GaussianMixture`` fit, reproduced to
+   1e-12 by :mod:`kdfine.mixture` without importing scikit-learn); the component with the larger
+   mean is clean; keep i if P(clean | score_i) > zeta (default 0.5). ``method="kmeans"`` uses the
+   exact 2-means partition instead (hard assignment).
 
 Inputs may be numpy arrays, memory-mapped ``.npy`` arrays or torch tensors (computed on their
 device). A memory-mapped ``.npy`` is streamed with plain reads into one reused buffer, never mapped
 page by page, so the resident memory stays near one chunk whatever N is.
 
-Thread pools: numpy, scipy and scikit-learn each load their own BLAS/OpenMP pool, and on a small
+Thread pools: numpy and scipy each load their own BLAS/OpenMP pool, and on a small
 machine pools that spin for work fight for the cores: an ``eigh`` of a 512 x 512 matrix ran 10x
-slower, a mixture fit 8x. So every pool is limited to one thread while FINE runs, and the two
+slower. So every pool is limited to one thread while FINE runs, and the two
 passes over the features are parallelised by kdfine itself, over classes (grams) and row slices
 (scores), with one thread per usable CPU (see :func:`cpu_threads`).
 
@@ -110,12 +112,10 @@ def cpu_threads() -> int:
 
 @contextlib.contextmanager
 def thread_limit(threads: int):
-    """Limit the BLAS and OpenMP pools of numpy, scipy and scikit-learn to ``threads`` for the
-    duration. The libraries are loaded first: a limit only reaches the pools already loaded."""
+    """Limit the BLAS and OpenMP pools of numpy and scipy to ``threads`` for the duration. The
+    libraries are loaded first: a limit only reaches the pools already loaded."""
     import scipy.linalg.blas  # noqa: F401
     import scipy.sparse.linalg  # noqa: F401
-    import sklearn.cluster  # noqa: F401
-    import sklearn.mixture  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=threads):
@@ -378,25 +378,21 @@ def _split_class(c: int, idx: np.ndarray, scores: np.ndarray, p_clean: np.ndarra
 
 
 def _two_component(s: np.ndarray, method: str, seed: int) -> np.ndarray | None:
-    x = s.reshape(-1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning on near-degenerate classes
-        if method == "gmm":
-            from sklearn.mixture import GaussianMixture
+    """P(clean) of each score: the posterior of the larger-mean component of a 2-component
+    Gaussian mixture (full covariance, tol 1e-6, k-means initialisation seeded with ``seed``; the
+    official method's scikit-learn fit, computed by :mod:`kdfine.mixture`), or membership of the
+    larger-centre cluster of the exact 2-means partition. None when the two do not separate."""
+    from kdfine import mixture
 
-            gmm = GaussianMixture(n_components=2, covariance_type="full", tol=1e-6, random_state=seed)
-            gmm.fit(x)
-            means = gmm.means_.ravel()
-            if abs(means[0] - means[1]) <= 1e-12:
-                return None
-            return gmm.predict_proba(x)[:, int(np.argmax(means))]
-        from sklearn.cluster import KMeans
-
-        km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(x)
-        centres = km.cluster_centers_.ravel()
-        if abs(centres[0] - centres[1]) <= 1e-12:
+    if method == "gmm":
+        gmm = mixture.gaussian_mixture(s, seed=seed, tol=1e-6)
+        if gmm is None or abs(gmm.means[0] - gmm.means[1]) <= 1e-12:
             return None
-        return (km.labels_ == int(np.argmax(centres))).astype(np.float64)
+        return gmm.resp[:, int(np.argmax(gmm.means))]
+    high = mixture.two_means(s)
+    if high is None:
+        return None
+    return high.astype(np.float64)
 
 
 def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int = 0
@@ -406,8 +402,7 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
 
     Returns ``keep`` (N,) bool, ``p_clean`` (N,) and ``scores`` = p(label | x) (higher = cleaner).
     """
-    from sklearn.mixture import GaussianMixture
-
+    from kdfine import mixture
     from kdfine.metrics import log_softmax
 
     labels = _labels(labels)
@@ -418,12 +413,9 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
         warnings.warn("all losses equal; everything kept", FineWarning, stacklevel=2)
         ones = np.ones(labels.size)
         return ones > zeta, ones, np.exp(lp)
-    norm = ((loss - loss.min()) / span).reshape(-1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=seed)
-        gmm.fit(norm)
-    p = gmm.predict_proba(norm)[:, int(np.argmin(gmm.means_.ravel()))]
+    norm = (loss - loss.min()) / span
+    gmm = mixture.gaussian_mixture(norm, seed=seed, tol=1e-2, reg_covar=5e-4, max_iter=10)
+    p = gmm.resp[:, int(np.argmin(gmm.means))]
     return p > zeta, p, np.exp(lp)
 
 

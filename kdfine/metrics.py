@@ -100,10 +100,17 @@ def detection(kept: np.ndarray, is_clean: np.ndarray, scores: np.ndarray | None 
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for ``positive``; NaN when one class is absent."""
+    """Area under the ROC curve of ``scores`` for ``positive``; NaN when one class is absent.
+
+    The Mann-Whitney statistic with tied scores given their average rank, which is what the ROC
+    curve's trapezoids add up to (and what scikit-learn's ``roc_auc_score`` returns)."""
     positive = np.asarray(positive, bool)
     if positive.all() or not positive.any():
         return float("nan")
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(positive, scores))
+    scores = np.asarray(scores, dtype=np.float64)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based position of each distinct value in sorted order
+    ranks = (first + (counts + 1) / 2.0)[inverse.ravel()]
+    n_pos = float(positive.sum())
+    n_neg = float(positive.size) - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

@@ -113,14 +113,17 @@ def test_detect_matches_the_reference_on_a_file(tmp_path):
 
 
 def test_detect_noise_cli_does_not_import_torch(tmp_path):
+    """Nor scikit-learn: each costs more than a second of start-up (the mixture is kdfine's own)."""
     x, y = synthetic(n=500, d=16, k=3)
     np.save(tmp_path / "f.npy", x)
     np.save(tmp_path / "f.labels.npy", y)
+    np.save(tmp_path / "f.truth.npy", y)
     code = ("import sys; from kdfine.cli import main\n"
             f"sys.argv = ['kdfine', 'detect-noise', '--features', {str(tmp_path / 'f.npy')!r}, '--out', "
             f"{str(tmp_path / 'c.csv')!r}, '-q']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "assert 'torch' not in sys.modules\n")
+            "assert 'torch' not in sys.modules\n"
+            "assert not [m for m in sys.modules if m.startswith('sklearn')]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c.csv").read_text().startswith("index,label,score,p_clean\n")

@@ -72,7 +72,7 @@ class Scale:
 
 SCALES = {
     "quick": Scale("quick", "digits", "cnn", "cnn-8", "mlp-32", teacher_epochs=30, epochs=30, seeds=5,
-                   note="digits: 1437 train / 360 test images (scikit-learn's 8x8 digits)"),
+                   note="digits: 1438 train / 359 test images (scikit-learn's 8x8 digits, stratified split)"),
     "cifar10-cpu": Scale("cifar10-cpu", "cifar10-jpeg", "wrn-16-2", "wrn-16-1", "wrn-10-1", teacher_epochs=15,
                          epochs=5, seeds=2, train_options=["--eval-every", "1000"],
                          note="CIFAR-10 JPEG: 10,000 train images (1,000 per class, --keep), all 10,000 test images"),

@@ -377,6 +377,10 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        import logging
+
+        # torch's C++ builder logs a CUDA_HOME notice on machines without CUDA: noise, not a problem
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         net = torch.compile(net)
     fine_on = cfg.fine_every > 0
     steps = len(batches)

@@ -90,7 +90,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of initialisation, da
 FitSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the mixture fit (GMM or 2-means).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.",
                                         rich_help_panel=P_DEVICE)]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere), "
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA; fp32 on a CPU, "
+                                           "where distillation teachers run in bf16 if the CPU has native bf16), "
                                            "fp32 or bf16.", rich_help_panel=P_DEVICE)]
 ChannelsLastOpt = Annotated[str, typer.Option("--channels-last", help="auto (on for CUDA and CPU), on or off.",
                                               rich_help_panel=P_DEVICE)]

@@ -26,7 +26,7 @@ from kdfine import distributed, fine, metrics
 from kdfine.data.batches import TrainBatches
 from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError, Interrupted, UsageError
-from kdfine.features import autocast, extract, resolve_precision, use_channels_last
+from kdfine.features import autocast, extract, resolve_precision, teacher_precision, use_channels_last
 from kdfine.losses import check_options, kd_loss
 
 
@@ -316,6 +316,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
     ctx = distributed.context()
     reporter = reporter or Reporter(enabled=ctx.is_main)
     precision = resolve_precision(cfg.precision, device)
+    t_precision = teacher_precision(cfg.precision, device)
     channels_last = use_channels_last(cfg.channels_last, device)
     model.to(device)
     if channels_last:
@@ -376,6 +377,10 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        import logging
+
+        # torch's C++ builder logs a CUDA_HOME notice on machines without CUDA: noise, not a problem
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         net = torch.compile(net)
     fine_on = cfg.fine_every > 0
     steps = len(batches)
@@ -402,9 +407,12 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                     lr = cfg.lr * lr_at(epoch + step / steps)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
+                    zt = None
+                    if teacher is not None:
+                        with autocast(device, t_precision):
+                            zt = teacher(x).clone()
                     with autocast(device, precision):
                         logits = net(x)
-                        zt = teacher(x).clone() if teacher is not None else None
                     loss = kd_loss(logits, zt, y, loss=cfg.loss, tau=cfg.tau, alpha=cfg.alpha)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -159,3 +159,33 @@ def test_channels_last_step_matches_the_plain_step():
         before = before.detach()
         step0, step1 = a - before, c.contiguous() - before
         assert torch.linalg.vector_norm(step0 - step1) <= 1e-2 * torch.linalg.vector_norm(step0) + 1e-7
+
+
+def test_teachers_run_in_bf16_on_cpus_with_native_bf16():
+    from pathlib import Path
+
+    from kdfine.features import cpu_has_bf16, resolve_precision, teacher_precision
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux: the kernel's CPU flags say whether the CPU has bf16 arithmetic
+        flags = set(cpuinfo.read_text().split())
+        assert cpu_has_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert teacher_precision("auto", cpu) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("auto", cpu) == "fp32"  # the student's own arithmetic stays fp32
+    assert teacher_precision("fp32", cpu) == "fp32" and teacher_precision("bf16", cpu) == "bf16"
+    assert teacher_precision("auto", cuda) == "bf16" and teacher_precision("fp32", cuda) == "fp32"
+
+
+def test_bf16_teacher_logits_stay_close_to_fp32():
+    """What a bf16 teacher changes: its logits, by a small fraction of their spread."""
+    torch.manual_seed(0)
+    teacher = build("cnn", 10, 1, 8).eval()
+    x = torch.randn(64, 1, 8, 8)
+    with torch.inference_mode():
+        z32 = teacher(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z16 = teacher(x).float()
+    assert z16.dtype == torch.float32
+    assert (z16 - z32).abs().max() <= 0.05 * z32.abs().max()
+    assert (z16.argmax(1) == z32.argmax(1)).float().mean() >= 0.9

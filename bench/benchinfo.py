@@ -72,3 +72,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def balanced_indices(labels, per_class: int, seed: int = 0):
+    """Sorted indices of ``per_class`` samples of every class in ``labels``, drawn without
+    replacement with ``numpy.random.default_rng(seed)``, class by class in ascending order: the
+    class-balanced subsets of the CIFAR-10 benchmarks (``--keep``)."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                                   for c in np.unique(labels)]))
+

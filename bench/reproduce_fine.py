@@ -48,6 +48,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import benchinfo  # noqa: E402
 
 NOISES = ("sym:0.2", "sym:0.5", "sym:0.8", "asym:0.4")
 # Published test accuracy (%) of FINE (dynamic selection, CE, ResNet-34) in the paper's table.
@@ -119,10 +122,7 @@ def balanced_subset(root: Path, path: Path, per_class: int, seed: int = 0) -> Pa
     from kdfine.data.sources import load_source
 
     labels = load_source(f"imagefolder:{root}").train.labels
-    rng = np.random.default_rng(seed)
-    idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
-                                  for c in np.unique(labels)]))
-    write_index(path, idx)
+    write_index(path, benchinfo.balanced_indices(labels, per_class, seed))
     return path
 
 

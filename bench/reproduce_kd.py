@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import benchinfo  # noqa: E402
 
 # Table columns: (label, run key, --loss, --tau). alpha = 1.0 everywhere, as in the paper's comparison.
 COLUMNS = [("CE only", "ce", "ce", None), ("KL τ=1", "kl-1", "kl", 1), ("KL τ=3", "kl-3", "kl", 3),
@@ -117,17 +120,13 @@ def cifar_root(args: argparse.Namespace, workdir: Path) -> Path:
 def balanced_keep(root: Path, workdir: Path, per_class: int = 1000, seed: int = 0) -> Path:
     """An index CSV of ``per_class`` training images per class, drawn with a fixed seed, in the
     order in which kdfine enumerates the image folder."""
-    import numpy as np
-
     from kdfine.data.sources import load_source
 
     path = workdir / f"balanced-{per_class}-per-class.csv"
     if path.exists():
         return path
     labels = load_source(f"imagefolder:{root}").train.labels
-    rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
-                                   for c in np.unique(labels)]))
+    keep = benchinfo.balanced_indices(labels, per_class, seed)
     path.write_text("index\n" + "\n".join(map(str, keep.tolist())) + "\n")
     return path
 

@@ -85,3 +85,30 @@ def balanced_indices(labels, per_class: int, seed: int = 0):
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
                                    for c in np.unique(labels)]))
 
+
+def extract_image_tree(archive, dest):
+    """Extract ``archive`` (a .tar.gz holding an ImageFolder tree with ``train/`` and ``test/``,
+    at its top or one folder down) into ``dest`` once, and return ``dest``. Extraction goes to
+    ``dest.partial`` first and is renamed at the end, so an interrupted run never leaves a
+    half-extracted tree that a later run would take as complete."""
+    import shutil
+    import tarfile
+    from pathlib import Path
+
+    dest = Path(dest)
+    if (dest / "train").is_dir() and (dest / "test").is_dir():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"# extracting {archive} into {dest}", file=sys.stderr, flush=True)
+    with tarfile.open(archive) as tar:
+        try:
+            tar.extractall(tmp, filter="data")  # refuses links and paths that leave tmp
+        except TypeError:  # a Python without extraction filters
+            tar.extractall(tmp)
+    inner = next(p.parent for p in sorted(tmp.rglob("train")) if (p.parent / "test").is_dir())
+    inner.rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+

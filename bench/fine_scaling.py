@@ -31,7 +31,6 @@ Prints one JSON line per measurement and a Markdown summary, with the command an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

@@ -38,7 +38,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,14 +103,7 @@ def cifar_root(args: argparse.Namespace, out: Path) -> Path:
     archive = Path(args.archive)
     if not archive.exists():
         sys.exit(f"reproduce_fine: no CIFAR-10 JPEG tree (--cifar-root) and no archive {archive} (--archive)")
-    dest = out / "cifar10-jpeg"
-    tmp = out / ".cifar10-jpeg.partial"
-    tmp.mkdir(parents=True, exist_ok=True)
-    note(f"extracting {archive} into {dest}")
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp, filter="data")
-    inner = next(p.parent for p in tmp.rglob("train") if (p.parent / "test").is_dir())
-    inner.rename(dest)
+    dest = benchinfo.extract_image_tree(archive, out / "cifar10-jpeg")
     return dest.resolve()
 
 

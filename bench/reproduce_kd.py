@@ -38,7 +38,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,16 +104,7 @@ def cifar_root(args: argparse.Namespace, workdir: Path) -> Path:
          if p.exists()), None)
     if archive is None or not archive.exists():
         sys.exit("reproduce_kd: the CIFAR-10 JPEG archive was not found; pass --cifar-archive PATH or --cifar-root DIR")
-    log(f"extracting {archive} into {root}")
-    tmp = root.with_name(root.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        try:
-            tar.extractall(tmp, filter="data")  # refuses links and paths that leave tmp
-        except TypeError:  # a Python without extraction filters
-            tar.extractall(tmp)
-    tmp.rename(root)
-    return root
+    return benchinfo.extract_image_tree(archive, root)
 
 
 def balanced_keep(root: Path, workdir: Path, per_class: int = 1000, seed: int = 0) -> Path:

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,25 +77,14 @@ def cifar_tree(data: str | None, archive: str | None) -> Path:
             raise SystemExit(f"--data {root}: expected {root}/train/<class>/*.jpg")
         return root
     target = cache_dir() / "cifar10-jpeg"
-    if (target / "train").is_dir() and (target / ".complete").exists():
+    if (target / "train").is_dir() and (target / "test").is_dir():
         return target
     candidates = [Path(archive).expanduser()] if archive else list(ARCHIVE_CANDIDATES)
     tar = next((p for p in candidates if p.is_file()), None)
     if tar is None:
         raise SystemExit("no CIFAR-10 JPEG tree: pass --data DIR or --archive cifar10-jpeg.tar.gz "
                          f"(looked for {', '.join(map(str, candidates))})")
-    print(f"# extracting {tar} into {target}", file=sys.stderr, flush=True)
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tar) as t:
-        if sys.version_info >= (3, 12):
-            t.extractall(target, filter="data")
-        else:
-            t.extractall(target)
-    if not (target / "train").is_dir():  # an archive with a top-level folder
-        inner = next(p.parent for p in target.rglob("train") if p.is_dir())
-        target = inner
-    (target / ".complete").touch()
-    return target
+    return benchinfo.extract_image_tree(tar, target)
 
 
 @dataclass

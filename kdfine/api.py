@@ -10,20 +10,20 @@ prints nothing to stdout (progress and notes go to stderr). The CLI is a thin sh
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from kdfine import checkpoint, distributed, features, fine, metrics
+from kdfine import checkpoint, distributed, features, metrics
 from kdfine.data.noise import apply_noise, parse_noise
 from kdfine.data.sources import ArrayDataset, Source, load_source
 from kdfine.detection import detect_noise, write_detection  # noqa: F401  (torch-free, re-exported)
 from kdfine.engine import Reporter, TeacherEnsemble, TrainConfig, fit, state_path
 from kdfine.errors import InputError, KdfineWarning, UsageError
-from kdfine.io import check_label_range, check_writable, is_special, read_index, read_labels, read_stdin_path
+from kdfine.io import check_writable, is_special, read_index, read_labels, read_stdin_path
 from kdfine.models import build, param_count
 
 __all__ = ["DataOptions", "TrainConfig", "prepare_data", "train_teacher", "distill", "evaluate"]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kdfine.errors import DeviceError, KdfineError, UsageError
-from kdfine.launch import env_int as _env_int, launch_rank, launched_by_torchrun  # noqa: F401
+from kdfine.launch import launched_by_torchrun
 
 
 @dataclass

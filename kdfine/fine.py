@@ -9,8 +9,8 @@ For features z_i (N, D) and labels y_i:
    fallback).
 2. score_i = |<u_{y_i}, z_i / ||z_i||>| in [0, 1].
 3. Per class, a 2-component Gaussian mixture on the scores (full covariance, tol 1e-6, k-means
-   initialisation seeded with ``seed``: scikit-learn's ``GaussianMixture`` fit, reproduced to
-   1e-12 by :mod:`kdfine.mixture` without importing scikit-learn); the component with the larger
+   initialisation seeded with ``seed``: scikit-learn's ``GaussianMixture`` fit, reproduced (tested to
+   1e-9) by :mod:`kdfine.mixture` without importing scikit-learn); the component with the larger
    mean is clean; keep i if P(clean | score_i) > zeta (default 0.5). ``method="kmeans"`` uses the
    exact 2-means partition instead (hard assignment).
 
@@ -51,14 +51,6 @@ class FineWarning(KdfineWarning):
 
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
-
-
-def _rows(features, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) as a float32 numpy array (reads only that slice of a memory map)."""
-    x = features[lo:hi]
-    if _is_torch(x):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
 
 
 def _npy_file(features) -> tuple[str, int] | None:
@@ -159,7 +151,8 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
         for lo, block in row_blocks(features, chunk):
             yc = labels[lo:lo + block.shape[0]]
             if mask is not None:
-                block, yc = block[mask[lo:lo + block.shape[0]]], yc[mask[lo:lo + block.shape[0]]]
+                m = mask[lo:lo + block.shape[0]]
+                block, yc = block[m], yc[m]
             groups = _class_groups(yc)
             pool.run(_add_grams, [([g for g in groups if g[0] % threads == w], block, part, grams, pending)
                                   for w in range(threads)])

@@ -134,6 +134,7 @@ def gaussian_mixture(x: np.ndarray, *, seed: int = 0, tol: float = 1e-3, reg_cov
 
 
 def _m_step(x: np.ndarray, resp: np.ndarray, reg_covar: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Component masses (unnormalised weights), means and regularised variances, each (2,)."""
     nk = resp.sum(axis=0) + 10 * np.finfo(np.float64).eps
     means = resp.T @ x / nk
     diff = x[:, None] - means[None, :]

@@ -52,10 +52,6 @@ class Checkpoint:
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
 
-    @property
-    def input_shape(self) -> tuple[int, int]:
-        return int(self.meta["in_channels"]), int(self.meta["image_size"])
-
 
 def encode_meta(meta: dict[str, Any]) -> dict[str, str]:
     out = {"format": "pt", "kdfine_version": kdfine.__version__, "schema": SCHEMA}

@@ -7,21 +7,26 @@ stdout carries only results (a written path, CSV with ``--out -``, or one JSON d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
 import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
 import kdfine
 from kdfine.errors import EXIT_INPUT, EXIT_INTERRUPTED, KdfineError
+from kdfine.options import (P_DATA, P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag,
+                            TrainConfig)
 
 app = typer.Typer(
     name="kdfine",
@@ -38,85 +43,83 @@ app = typer.Typer(
 )
 
 TRAIN, EVAL, NOISE, UTIL = "1. Train", "2. Evaluate", "3. Find noisy labels", "4. Inspect and plot"
-P_DATA, P_TRAIN, P_OUT, P_FINE = "Data", "Training", "Output", "Dynamic FINE selection"
-P_DEVICE = "Device"
 _state = {"debug": bool(os.environ.get("KDFINE_DEBUG")), "quiet": False, "rank": 0}
 
 # ------------------------------------------------------------------------------------- options
-# One definition per option, so the same option means the same thing in every command.
+# Options shared by several commands are fields of the dataclasses in kdfine.options, declared
+# there once; `takes` adds them to a command. The few below belong to the CLI alone.
 
-DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="Dataset: digits (default for new teachers), cifar10, cifar100, mnist, fashion-mnist, svhn, "
-                   "imagefolder:PATH, npz:PATH. Commands given a checkpoint default to its recorded data.",
-    rich_help_panel=P_DATA)]
-DataRootOpt = Annotated[Optional[str], typer.Option(
-    "--data-root", help="Directory of torchvision datasets (default: $KDFINE_CACHE/data, else ~/.cache/kdfine/data).",
-    rich_help_panel=P_DATA)]
-DownloadOpt = Annotated[bool, typer.Option("--download", help="Fetch torchvision datasets into --data-root.",
-                                           rich_help_panel=P_DATA)]
-ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=4, help="Resize images to N x N.",
-                                                     rich_help_panel=P_DATA)]
-TestFractionOpt = Annotated[float, typer.Option(
-    "--test-fraction", help="Test share when a folder or npz has no test split.", rich_help_panel=P_DATA)]
-AugmentOpt = Annotated[Optional[str], typer.Option(
-    "--augment", help="crop-flip, crop, flip or none (default: by dataset; crop-flip for CIFAR-like images, none for "
-                      "digits and MNIST).",
-    rich_help_panel=P_DATA)]
-NoiseOpt = Annotated[Optional[str], typer.Option(
-    "--label-noise", help="Inject label noise into the training split: sym:R, uniform:R, asym:R, pairflip:R or none.",
-    rich_help_panel=P_DATA)]
-NoiseSeedOpt = Annotated[int, typer.Option("--noise-seed", help="Seed of the injected label noise.",
-                                           rich_help_panel=P_DATA)]
-LabelsOpt = Annotated[Optional[str], typer.Option(
-    "--labels", help="Replace the training labels: .npy (N,) or CSV with a 'label' column.", rich_help_panel=P_DATA)]
-KeepOpt = Annotated[Optional[str], typer.Option(
-    "--keep", help="Train on these training indices only (CSV with an 'index' column, e.g. from detect-noise).",
-    rich_help_panel=P_DATA)]
-ArchOpt = Annotated[str, typer.Option("--arch", help="Architecture: wrn-D-W, resnet20/32/56/110, resnet8x4, "
-                                      "resnet32x4, preact-resnet18, resnet34, cnn[-W], mlp[-W].",
-                                      rich_help_panel=P_TRAIN)]
-EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.", rich_help_panel=P_TRAIN)]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size (split across torchrun ranks).",
-                                       rich_help_panel=P_TRAIN)]
-LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9, Nesterov).",
-                                      rich_help_panel=P_TRAIN)]
-WdOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay (not on BatchNorm or biases).",
-                                      rich_help_panel=P_TRAIN)]
-ScheduleOpt = Annotated[str, typer.Option(
-    "--schedule", help="multistep (x0.1 at 50% and 75%), multistep:E1,E2, cosine or constant.",
-    rich_help_panel=P_TRAIN)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of initialisation, data order and augmentation.",
-                                      rich_help_panel=P_TRAIN)]
-FitSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the mixture fit (GMM or 2-means).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.",
                                         rich_help_panel=P_DEVICE)]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA; fp32 on a CPU, "
-                                           "where distillation teachers run in bf16 if the CPU has native bf16), "
-                                           "fp32 or bf16.", rich_help_panel=P_DEVICE)]
-ChannelsLastOpt = Annotated[str, typer.Option("--channels-last", help="auto (on for CUDA and CPU), on or off.",
-                                              rich_help_panel=P_DEVICE)]
-CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the training step.",
-                                          rich_help_panel=P_DEVICE)]
-EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=1, help="Test-set evaluation every N epochs.",
-                                           rich_help_panel=P_TRAIN)]
 LogOpt = Annotated[Optional[str], typer.Option("--log", help="Write one JSON line per epoch to this file.",
                                                rich_help_panel=P_OUT)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the state saved beside --out after "
                                          "every epoch.", rich_help_panel=P_TRAIN)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="With --resume: accept options that differ from the "
                                         "recorded ones.", rich_help_panel=P_TRAIN)]
-FineWarmupOpt = Annotated[int, typer.Option("--fine-warmup", min=0, help="Epochs before the first FINE selection.",
-                                            rich_help_panel=P_FINE)]
-FineEveryOpt = Annotated[int, typer.Option("--fine-every", min=0, help="Re-select the training set with FINE every "
-                                           "N epochs (0: off).", rich_help_panel=P_FINE)]
-FineZetaOpt = Annotated[float, typer.Option("--fine-zeta", help="Keep samples with P(clean) above this.",
-                                            rich_help_panel=P_FINE)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead.",
                                        rich_help_panel=P_OUT)]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or summaries on stderr (errors still).",
                                         rich_help_panel=P_OUT)]
-PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Also draw a picture (needs the plot extra, "
-                                                "matplotlib).", rich_help_panel=P_OUT)]
+NoisyOutOpt = Annotated[Optional[str], typer.Option("--noisy-out", help="Also write the rejected samples as CSV.",
+                                                    rich_help_panel=P_OUT)]
+
+
+ArchOpt = Annotated[str, typer.Option("--arch", help="Architecture; `kdfine list-archs` lists the names and "
+                                      "families.", rich_help_panel=P_TRAIN)]
+
+
+def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
+    """A command parameter declared by the metadata of an option-dataclass field."""
+    meta: Flag = f.metadata["cli"]
+    typ = hint
+    if meta.choices is not None:
+        typ = Literal[tuple(meta.choices())]  # Typer shows, completes and checks the library's own list
+        if type(None) in typing.get_args(hint):
+            typ = Optional[typ]
+    decls = [meta.flag] + ([meta.short] if meta.short else [])
+    info = typer.Option(*decls, help=meta.help, rich_help_panel=meta.panel, min=meta.min)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[typ, info])
+
+
+def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None, **groups: type) -> Callable:
+    """Add the fields of option dataclasses to a command: ``@takes(data=DataOptions,
+    cfg=TrainConfig)`` gives the command every field as an option and calls it with
+    ``data=DataOptions(...)`` and ``cfg=TrainConfig(...)``. ``exclude`` names fields the command
+    does not take (they keep their dataclass defaults, or ``defaults``); ``defaults`` overrides a
+    field's default for this command."""
+    defaults = defaults or {}
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        own = [p for n, p in sig.parameters.items() if n not in groups]
+        added: dict[str, tuple[str, str]] = {}  # parameter name -> (group, field)
+        params = []
+        for group, cls in groups.items():
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if "cli" not in f.metadata or f.name in exclude:
+                    continue
+                if f.name in added or f.name in sig.parameters:
+                    raise TypeError(f"{fn.__name__}: option {f.name} declared twice")
+                added[f.name] = (group, f.name)
+                params.append(_option_param(f.name, f, hints[f.name], defaults.get(f.name, f.default)))
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values: dict[str, dict[str, Any]] = {g: {} for g in groups}
+            for name, (group, field_name) in added.items():
+                values[group][field_name] = kwargs.pop(name)
+            for group, cls in groups.items():
+                fixed = {k: v for k, v in defaults.items() if k in exclude and k in {f.name for f in dataclasses.fields(cls)}}
+                kwargs[group] = cls(**{**fixed, **values[group]})
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + params}
+        return wrapper
+
+    return decorate
 
 
 # ------------------------------------------------------------------------------------- plumbing
@@ -263,37 +266,39 @@ def _root(
         _state["debug"] = True
 
 
-def _data(data, data_root, download, image_size, test_fraction, augment, label_noise, noise_seed, labels, keep):
-    from kdfine.api import DataOptions
-
-    return DataOptions(data, data_root, download, image_size, test_fraction, augment, label_noise, noise_seed,
-                       labels, keep)
+# ------------------------------------------------------------------------------------- commands
 
 
-def _train_report(result: dict[str, Any], as_json: bool) -> None:
+def _show(items: list[Any], quiet: bool) -> None:
+    """Tables and lines from :mod:`kdfine.render` on stderr (rank 0, unless quiet)."""
+    if quiet or not _is_main():
+        return
+    con = _stderr()
+    for item in items:
+        if isinstance(item, str):
+            con.print(item, markup=False, soft_wrap=True)  # one line each, never wrapped
+        else:
+            con.print(item)
+
+
+def _training_done(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
+    from kdfine.render import train_summary
+
+    _show([train_summary(result)], quiet)
     if as_json:
-        _emit_json({k: v for k, v in result.items()})
+        _emit_json(result)
     else:
         _emit_line(result["path"])
 
 
-# ------------------------------------------------------------------------------------- commands
-
-
 @app.command("train-teacher", rich_help_panel=TRAIN)
 @command
+@takes(data=DataOptions, cfg=TrainConfig, exclude=("loss", "tau", "alpha"))
 def train_teacher(
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).", rich_help_panel=P_OUT)],
-    arch: ArchOpt = "cnn",
-    data: DataOpt = None, data_root: DataRootOpt = None, download: DownloadOpt = False,
-    image_size: ImageSizeOpt = None, test_fraction: TestFractionOpt = 0.2, augment: AugmentOpt = None,
-    label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None, keep: KeepOpt = None,
-    epochs: EpochsOpt = 30, batch_size: BatchOpt = 128, lr: LrOpt = 0.1, weight_decay: WdOpt = 5e-4,
-    schedule: ScheduleOpt = "multistep", seed: SeedOpt = 0, device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto", channels_last: ChannelsLastOpt = "auto", compile: CompileOpt = False,
-    eval_every: EvalEveryOpt = 1, fine_warmup: FineWarmupOpt = 10, fine_every: FineEveryOpt = 0,
-    fine_zeta: FineZetaOpt = 0.5, resume: ResumeOpt = False, force: ForceOpt = False, log: LogOpt = None,
-    json_out: JsonOpt = False, quiet: QuietOpt = False,
+    data: DataOptions, cfg: TrainConfig,
+    arch: ArchOpt = "cnn", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
+    log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Train a classifier (a teacher) with cross-entropy; print the checkpoint path.
 
@@ -301,38 +306,22 @@ def train_teacher(
     """
     from kdfine import api
 
-    cfg = api.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                          seed=seed, precision=precision, channels_last=channels_last, compile=compile,
-                          eval_every=eval_every, fine_warmup=fine_warmup, fine_every=fine_every, fine_zeta=fine_zeta)
-    result = api.train_teacher(out, arch=arch, data=_data(data, data_root, download, image_size, test_fraction, augment,
-                                                          label_noise, noise_seed, labels, keep),
-                               cfg=cfg, device=device, log=log, resume=resume, force=force, quiet=quiet)
-    _summary(result, quiet)
-    _train_report(result, json_out)
+    result = api.train_teacher(out, arch=arch, data=data, cfg=cfg, device=device, log=log, resume=resume,
+                               force=force, quiet=quiet)
+    _training_done(result, json_out, quiet)
 
 
 @app.command("distill", rich_help_panel=TRAIN)
 @command
+@takes(data=DataOptions, cfg=TrainConfig, defaults={"loss": "mse"})
 def distill(
     teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint; repeat for an ensemble "
                                                "(logits averaged); '-' reads the path from stdin.",
                                                rich_help_panel=P_TRAIN)],
     out: Annotated[str, typer.Option("--out", "-o", help="Student checkpoint to write.", rich_help_panel=P_OUT)],
-    arch: ArchOpt = "cnn-16",
-    loss: Annotated[str, typer.Option("--loss", help="mse (logit matching), kl, kl-inf (tau -> inf) or ce.",
-                                      rich_help_panel=P_TRAIN)] = "mse",
-    tau: Annotated[float, typer.Option("--tau", help="KL temperature.", rich_help_panel=P_TRAIN)] = 4.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to CE "
-                                         "on the labels.", rich_help_panel=P_TRAIN)] = 1.0,
-    data: DataOpt = None, data_root: DataRootOpt = None, download: DownloadOpt = False,
-    image_size: ImageSizeOpt = None, test_fraction: TestFractionOpt = 0.2, augment: AugmentOpt = None,
-    label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None, keep: KeepOpt = None,
-    epochs: EpochsOpt = 30, batch_size: BatchOpt = 128, lr: LrOpt = 0.1, weight_decay: WdOpt = 5e-4,
-    schedule: ScheduleOpt = "multistep", seed: SeedOpt = 0, device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto", channels_last: ChannelsLastOpt = "auto", compile: CompileOpt = False,
-    eval_every: EvalEveryOpt = 1, fine_warmup: FineWarmupOpt = 10, fine_every: FineEveryOpt = 0,
-    fine_zeta: FineZetaOpt = 0.5, resume: ResumeOpt = False, force: ForceOpt = False, log: LogOpt = None,
-    json_out: JsonOpt = False, quiet: QuietOpt = False,
+    data: DataOptions, cfg: TrainConfig,
+    arch: ArchOpt = "cnn-16", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
+    log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Distil teacher(s) into a smaller student; print the student's path.
 
@@ -340,47 +329,23 @@ def distill(
     """
     from kdfine import api
 
-    cfg = api.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                          seed=seed, precision=precision, channels_last=channels_last, compile=compile,
-                          loss=loss, tau=tau, alpha=alpha, eval_every=eval_every, fine_warmup=fine_warmup,
-                          fine_every=fine_every, fine_zeta=fine_zeta)
-    result = api.distill(out, teacher, arch=arch,
-                         data=_data(data, data_root, download, image_size, test_fraction, augment, label_noise,
-                                    noise_seed, labels, keep),
-                         cfg=cfg, device=device, log=log, resume=resume, force=force, quiet=quiet)
-    _summary(result, quiet)
-    _train_report(result, json_out)
-
-
-def _summary(result: dict[str, Any], quiet: bool) -> None:
-    from kdfine import distributed
-
-    if quiet or not distributed.context().is_main:
-        return
-    m = result["metrics"]
-    parts = [f"wrote {result['path']}"]
-    if "test_top1" in m:
-        parts.append(f"test top-1 {100 * m['test_top1']:.2f}%")
-    if "img_per_s" in m:
-        parts.append(f"{m['img_per_s']:.0f} img/s")
-    _stderr().print("  ".join(parts), markup=False)
+    result = api.distill(out, teacher, arch=arch, data=data, cfg=cfg, device=device, log=log, resume=resume,
+                         force=force, quiet=quiet)
+    _training_done(result, json_out, quiet)
 
 
 @app.command("eval", rich_help_panel=EVAL)
 @command
+@takes(data=DataOptions, ev=EvalOptions, exclude=("augment", "keep"))
 def eval_(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Checkpoint to evaluate; repeat to compare.")],
+    data: DataOptions, ev: EvalOptions,
     teacher: Annotated[Optional[list[str]], typer.Option(
         "--teacher", "-t", help="Also report agreement with this teacher (logits averaged when repeated).")] = None,
-    split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
     dump_features: Annotated[Optional[str], typer.Option(
         "--dump-features", help="Write penultimate features (N, D) .npy with sidecars (labels, logits, json, truth).",
         rich_help_panel=P_OUT)] = None,
-    data: DataOpt = None, data_root: DataRootOpt = None, download: DownloadOpt = False,
-    image_size: ImageSizeOpt = None, test_fraction: TestFractionOpt = 0.2,
-    label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch size.")] = 512,
-    device: DeviceOpt = "auto", precision: PrecisionOpt = "auto",
+    device: DeviceOpt = "auto",
     plot: Annotated[Optional[str], typer.Option(
         "--plot", help="Draw reliability diagrams and confusion matrices: FILE.png (or .pdf, .svg) for one figure, "
                        "any other PREFIX for PREFIX.reliability.png and PREFIX.confusion.png (needs matplotlib).",
@@ -391,8 +356,6 @@ def eval_(
 
     Example: kdfine eval --model s.safetensors --teacher t.safetensors --plot s-eval.png --json
     """
-    if split not in ("train", "test"):
-        raise typer.BadParameter("expected train or test", param_hint="--split")
     runs: list[dict[str, Any]] = []
     collect = None
     if plot:  # before importing the library: a missing matplotlib fails at once
@@ -406,70 +369,37 @@ def eval_(
         def collect(ck, logits, ds):
             runs.append({"name": Path(ck.path).name, "logits": logits, "labels": ds.labels, "classes": ds.classes})
 
-    from kdfine import api, distributed
+    from kdfine import api
+    from kdfine.render import eval_report
 
-    res = api.evaluate(model, data=_data(data, data_root, False if not download else True, image_size, test_fraction,
-                                         None, label_noise, noise_seed, labels, None),
-                       split=split, teachers=teacher, dump_features=dump_features, device=device,
-                       batch_size=batch_size, precision=precision, on_logits=collect)
-    if plot and distributed.context().is_main:
+    res = api.evaluate(model, data=data, split=ev.split, teachers=teacher, dump_features=dump_features,
+                       device=device, batch_size=ev.batch_size, precision=ev.precision, on_logits=collect)
+    if plot and _is_main():
         res["plots"] = plots.evaluation_figures(plot, runs)
     if json_out:
         _emit_json(res)
-    elif not quiet and distributed.context().is_main:
-        _eval_table(res)
+    else:
+        _show(eval_report(res), quiet)
     if res.get("plots"):
         _note(f"wrote {', '.join(res['plots'])}", quiet)
 
 
-def _eval_table(res: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    models = res["models"]
-    t = Table(title=f"{res['data']} {res['split']} ({res['n']} images)", title_justify="left")
-    t.add_column("model")
-    cols = [("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
-            ("top1_true_labels", "top-1 (true labels)"), ("agreement", "agree"), ("logit_l2", "|z_s-z_t|"),
-            ("kl_teacher_student", "KL(t||s)")]
-    cols = [(k, h) for k, h in cols if any(k in m for m in models)]
-    for _, h in cols:
-        t.add_column(h, justify="right")
-    for m in models:
-        row = [f"{Path(m['model']).name} ({m['arch']})"]
-        for k, _ in cols:
-            v = m.get(k)
-            row.append("" if v is None else (f"{100 * v:.2f}%" if k in ("top1", "top5", "agreement", "top1_true_labels")
-                                             else f"{v:.4f}"))
-        t.add_row(*row)
-    con = _stderr()
-    con.print(t)
-    for m in models:
-        if m.get("parents"):
-            con.print(f"{Path(m['model']).name}: distilled from {', '.join(p[:12] for p in m['parents'])}",
-                      markup=False)
-        if m.get("dump"):
-            con.print(f"wrote features {m['dump']}", markup=False)
-
-
 @app.command("detect-noise", rich_help_panel=NOISE)
 @command
+@takes(detect=DetectOptions)
 def detect_noise(
     features: Annotated[str, typer.Option("--features", "-f", help="Feature dump (N, D) .npy from eval "
                                           "--dump-features; its sidecars give labels, logits and truth.")],
     out: Annotated[str, typer.Option("--out", "-o", help="CSV of the samples kept as clean "
                                      "(index,label,score,p_clean); '-' for stdout.", rich_help_panel=P_OUT)],
+    detect: DetectOptions,
     labels: Annotated[Optional[str], typer.Option("--labels", help="Labels (.npy or CSV) instead of the dump's "
                                                   "sidecar.")] = None,
-    zeta: Annotated[float, typer.Option("--zeta", help="Keep samples with P(clean) above this.")] = 0.5,
-    method: Annotated[str, typer.Option("--method", help="gmm (FINE), kmeans (FINE with 2-means) or small-loss "
-                                        "(GMM on cross-entropy, from the logits sidecar).")] = "gmm",
     vectors_from: Annotated[Optional[str], typer.Option(
         "--vectors-from", help="Compute class eigenvectors from these indices only (a previous clean CSV).")] = None,
-    noisy_out: Annotated[Optional[str], typer.Option("--noisy-out", help="Also write the rejected samples as CSV.",
-                                                     rich_help_panel=P_OUT)] = None,
+    noisy_out: NoisyOutOpt = None,
     truth: Annotated[Optional[str], typer.Option("--truth", help="True labels .npy, to report precision/recall "
                                                  "(default: the dump's truth sidecar).")] = None,
-    seed: FitSeedOpt = 0,
     plot: Annotated[Optional[str], typer.Option(
         "--plot", help="Draw per-class score histograms with the split, coloured by the truth when known "
                        "(.png, .pdf or .svg; needs matplotlib).", rich_help_panel=P_OUT)] = None,
@@ -488,46 +418,25 @@ def detect_noise(
 
         plots.require()
         plots.check_image_path(plot)
-    from kdfine import detection  # not api: detect-noise never imports torch
+    from kdfine import api  # torch-free: detect-noise never loads torch
+    from kdfine.render import detection_report
 
-    det, report, y, true = detection.detect_noise(features, labels=labels, truth=truth, zeta=zeta, method=method,
-                                                  vectors_from=vectors_from, seed=seed)
-    detection.write_detection(det, y, out, noisy_out)
-    report.update(out=out, noisy_out=noisy_out)
+    report, det, y, true = api.detect_noise(features, out, detect=detect, labels=labels, truth=truth,
+                                            vectors_from=vectors_from, noisy_out=noisy_out)
     if plot:
         report["plot"] = _plot_detection(plot, features, det, y, true)
     if json_out:
         _emit_json(report)
-    elif not quiet:
-        _detection_table(report)
+    else:
+        _show(detection_report(report), quiet)
         if plot:
             _note(f"wrote {plot}", quiet)
-
-
-def _detection_table(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"{report['method']} on {report.get('features') or report.get('model')}", title_justify="left")
-    for h in ("class", "kept", "total", "threshold", "note"):
-        t.add_column(h, justify="right" if h in ("kept", "total", "threshold") else "left")
-    for c in report["classes"]:
-        thr = c["threshold"]
-        t.add_row(str(c["label"]), str(c["kept"]), str(c["total"]),
-                  "" if thr is None or not math.isfinite(thr) else f"{thr:.4f}", c.get("note", ""))
-    con = _stderr()
-    con.print(t)
-    con.print(f"kept {report['kept']}/{report['n']} ({100 * report['kept_fraction']:.1f}%), "
-              f"estimated noise rate {100 * report['estimated_noise_rate']:.1f}%", markup=False, soft_wrap=True)
-    if "truth" in report:
-        q = report["truth"]
-        con.print(f"against the true labels (noise {100 * q['true_noise_rate']:.1f}%): clean precision "
-                  f"{q['precision']:.4f}  recall {q['recall']:.4f}  F1 {q['f1']:.4f}  AUROC {q.get('auroc', float('nan')):.4f}",
-                  markup=False, soft_wrap=True)
 
 
 def _plot_detection(path: str, features_path: str, det, labels, true) -> str:
     from kdfine import plots
     from kdfine.features import read_dump
+    from kdfine.render import METHOD_TITLES
 
     names = read_dump(features_path).info.get("classes")
     k = int(labels.max()) + 1 if labels.size else 1
@@ -539,33 +448,24 @@ def _plot_detection(path: str, features_path: str, det, labels, true) -> str:
         thresholds[c.label] = c.threshold
     return plots.score_histograms(path, det.scores, labels, det.keep, names,
                                   is_clean=None if true is None else labels == true, thresholds=thresholds,
-                                  title=f"{_METHOD_TITLES.get(det.method, det.method)} of {Path(features_path).name}",
+                                  title=f"{METHOD_TITLES.get(det.method, det.method)} of {Path(features_path).name}",
                                   **({"xlabel": "p(label | x) from the logits"} if det.method == "small-loss" else {}))
-
-
-_METHOD_TITLES = {"gmm": "FINE alignment scores (GMM split)", "kmeans": "FINE alignment scores (2-means split)",
-                  "small-loss": "small-loss scores (GMM on the cross-entropy)"}
 
 
 @app.command("clean", rich_help_panel=NOISE)
 @command
+@takes(data=DataOptions, detect=DetectOptions, exclude=("augment", "keep"))
 def clean(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint whose features drive the detection.")],
     out: Annotated[str, typer.Option("--out", "-o", help="CSV of the kept training indices; '-' for stdout.",
                                      rich_help_panel=P_OUT)],
+    data: DataOptions, detect: DetectOptions,
     export: Annotated[Optional[str], typer.Option("--export", help="Write the kept samples as an npz: dataset.",
                                                   rich_help_panel=P_OUT)] = None,
     export_dir: Annotated[Optional[str], typer.Option("--export-dir", help="Write the kept samples as an "
                                                       "ImageFolder tree (links where possible).",
                                                       rich_help_panel=P_OUT)] = None,
-    noisy_out: Annotated[Optional[str], typer.Option("--noisy-out", help="Also write the rejected samples as CSV.",
-                                                     rich_help_panel=P_OUT)] = None,
-    zeta: Annotated[float, typer.Option("--zeta", help="Keep samples with P(clean) above this.")] = 0.5,
-    method: Annotated[str, typer.Option("--method", help="gmm, kmeans or small-loss.")] = "gmm",
-    data: DataOpt = None, data_root: DataRootOpt = None, download: DownloadOpt = False,
-    image_size: ImageSizeOpt = None, test_fraction: TestFractionOpt = 0.2,
-    label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None,
-    seed: FitSeedOpt = 0, device: DeviceOpt = "auto",
+    noisy_out: NoisyOutOpt = None, device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Feature-extraction batch size.")] = 512,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
@@ -573,21 +473,18 @@ def clean(
 
     Example: kdfine clean --model t.safetensors --label-noise sym:0.4 --out clean_idx.csv --export cleaned.npz
     """
-    from kdfine import api, distributed
+    from kdfine import api
     from kdfine.errors import UsageError
+    from kdfine.render import detection_report
 
     if out == "-" and json_out:
         raise UsageError("--out - and --json both want stdout; write the CSV to a file")
-    report = api.clean(model, out, data=_data(data, data_root, download, image_size, test_fraction, None,
-                                              label_noise, noise_seed, labels, None),
-                       zeta=zeta, method=method, seed=seed, export=export, export_dir=export_dir,
+    report = api.clean(model, out, data=data, detect=detect, export=export, export_dir=export_dir,
                        noisy_out=noisy_out, device=device, batch_size=batch_size)
     if json_out:
         _emit_json(report)
-    elif not quiet and distributed.context().is_main:
-        _detection_table(report)
-        if report.get("export"):
-            _stderr().print(f"wrote {report['export']}", markup=False)
+    else:
+        _show(detection_report(report) + ([f"wrote {report['export']}"] if report.get("export") else []), quiet)
 
 
 @app.command("info", rich_help_panel=UTIL)
@@ -604,86 +501,35 @@ def info(
     Example: kdfine info s2.safetensors --parent ../runs/teacher.safetensors --json
     """
     from kdfine import api
+    from kdfine.render import info_text
 
     doc = api.info(ckpt, parents=parent or [])
     if json_out:
         _emit_json(doc)
     else:
-        _emit_line(_info_text(doc))
+        _emit_line(info_text(doc))
 
 
-def _pct(v: Any) -> str:
-    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+@app.command("list-archs", rich_help_panel=UTIL)
+@command
+def list_archs(
+    pattern: Annotated[Optional[str], typer.Argument(help="Shell-style pattern, e.g. 'wrn*' or 'resnet?0'.",
+                                                     metavar="[PATTERN]")] = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """List the architectures that --arch accepts (names and families), optionally matching PATTERN.
 
+    Example: kdfine list-archs 'wrn*' --json
+    """
+    from kdfine.models import list_archs as names
 
-def _metrics_text(m: dict[str, Any]) -> str:
-    names = [("test_top1", "test top-1", _pct), ("test_top5", "top-5", _pct), ("test_nll", "NLL", None),
-             ("test_ece", "ECE", _pct), ("train_acc", "train acc", _pct), ("img_per_s", "img/s", None)]
-    parts = []
-    for key, label, fmt in names:
-        v = (m or {}).get(key)
-        if isinstance(v, (int, float)):
-            parts.append(f"{label} {fmt(v) if fmt else (f'{v:.0f}' if key == 'img_per_s' else f'{v:.4f}')}")
-    return ", ".join(parts) or "none recorded"
-
-
-def _training_text(d: dict[str, Any]) -> str:
-    loss = d.get("loss") or "?"
-    text = f"loss {loss}"
-    if loss in ("kl",):
-        text += f" (tau {d.get('tau')}, alpha {d.get('alpha')})"
-    elif loss in ("mse", "kl-inf"):
-        text += f" (alpha {d.get('alpha')})"
-    return text
-
-
-def _lineage_lines(nodes: list[dict[str, Any]], indent: str = "") -> list[str]:
-    lines = []
-    for i, n in enumerate(nodes):
-        last = i == len(nodes) - 1
-        branch, cont = ("`-- ", "    ") if last else ("|-- ", "|   ")
-        if n["found"]:
-            top1 = (n.get("metrics") or {}).get("test_top1")
-            desc = (f"{_shown_path(n['path'])}  {n.get('stage') or '?'} {n.get('arch')}, {_training_text(n)}, "
-                    f"test top-1 {_pct(top1)}  [sha256 {n['sha256'][:12]}]")
-        else:
-            where = f"; recorded at {n['recorded_path']}" if n.get("recorded_path") else ""
-            desc = f"? sha256 {n['sha256'][:12]} not found{where} (pass --parent FILE)"
-        lines.append(indent + branch + desc)
-        lines += _lineage_lines(n.get("parents") or [], indent + cont)
-    return lines
-
-
-def _shown_path(path: str) -> str:
-    """Relative to the working directory when below it (shorter to read), else as found."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path
-
-
-def _info_text(d: dict[str, Any]) -> str:
-    classes = d.get("classes") or []
-    shown = ", ".join(map(str, classes[:10])) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
-    noise = d.get("label_noise") or "none"
-    if noise != "none" and d.get("noise_seed") is not None:
-        noise += f" (noise seed {d['noise_seed']})"
-    params = f"{d['params']:,} parameters" if isinstance(d.get("params"), int) else "parameters unknown"
-    rows = [("file", f"{d['path']}  {d['file_size']:,} bytes  sha256 {d['sha256']}"),
-            ("stage", f"{d.get('stage') or '?'} (kdfine {d.get('kdfine_version')}, schema {d.get('schema')})"),
-            ("model", f"{d.get('arch')}, {params}, input {d.get('in_channels')}x{d.get('image_size')}x"
-                      f"{d.get('image_size')}"),
-            ("classes", f"{d.get('num_classes')}: {shown}"),
-            ("data", f"{d.get('data')}, label noise {noise}"),
-            ("training", f"{_training_text(d)}, {d.get('epochs')} epochs, seed {d.get('seed')}"),
-            ("metrics", _metrics_text(d.get("metrics") or {}))]
-    lines = [f"{k:<9} {v}" for k, v in rows]
-    if d.get("lineage"):
-        lines.append("lineage   distilled from:")
-        lines += ["  " + line for line in _lineage_lines(d["lineage"])]
+    found = names(pattern)
+    if json_out:
+        _emit_json({"pattern": pattern, "archs": found})
+    elif found:
+        _emit_line("\n".join(found))
     else:
-        lines.append("lineage   none (trained from labels)")
-    return "\n".join(lines)
+        _note(f"no architecture matches '{pattern}'", quiet)
 
 
 @app.command("plot-log", rich_help_panel=UTIL)
@@ -716,8 +562,24 @@ def plot_log(
 
 
 def main() -> None:
-    """Console entry point. ``--debug`` is accepted anywhere on the command line."""
+    """Console entry point. ``--debug`` is accepted anywhere on the command line. A usage error
+    (a bad option value, a missing option) is one line on stderr and exit 2, like kdfine's own."""
+    from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError
+
     if "--debug" in sys.argv[1:]:
         _state["debug"] = True
         sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--debug"]
-    app(prog_name="kdfine")
+    try:
+        code = app(prog_name="kdfine", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(e.format_message().split())
+        print(f"kdfine: error: {message}{hint}", file=sys.stderr)
+        code = e.exit_code
+    except Abort:
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

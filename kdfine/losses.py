@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from kdfine.errors import UsageError
+from kdfine.options import LOSSES  # the names the CLI offers (option values are validated there)
 
-LOSSES = ("ce", "kl", "mse", "kl-inf")
+__all__ = ["LOSSES", "kd_loss", "kl_term", "mse_term", "kl_inf_term"]
 
 
 def kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -43,15 +44,6 @@ def kl_inf_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
     return d.pow(2).sum(dim=1).mean() / (2 * d.shape[1])
 
 
-def check_options(loss: str, tau: float, alpha: float) -> None:
-    if loss not in LOSSES:
-        raise UsageError(f"--loss '{loss}': expected one of {', '.join(LOSSES)}")
-    if not tau > 0:
-        raise UsageError(f"--tau {tau}: must be > 0")
-    if not 0.0 <= alpha <= 1.0:
-        raise UsageError(f"--alpha {alpha}: must lie in [0, 1]")
-
-
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
             loss: str = "kl", tau: float = 4.0, alpha: float = 1.0) -> torch.Tensor:
     """The scalar training loss of one batch (see the module docstring).
@@ -71,7 +63,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     elif loss == "kl-inf":
         kd = kl_inf_term(zs, zt)
     else:
-        raise UsageError(f"--loss '{loss}': expected one of {', '.join(LOSSES)}")
+        raise ValueError(f"unknown distillation loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if alpha >= 1.0:
         return kd
     return alpha * kd + (1.0 - alpha) * F.cross_entropy(zs, labels)

@@ -1,7 +1,7 @@
 """Bad input, case by case: each a real file and a real ``python -m kdfine`` command.
 
-Every failing case must exit with the code of DESIGN.md, print exactly one line on stderr and no
-traceback, and leave its directory exactly as it was: an existing output file byte-identical, no
+Every failing case must exit with the README's documented code, print exactly one line on stderr
+and no traceback, and leave its directory exactly as it was: an existing output file byte-identical, no
 partial or temporary file. With ``--debug`` the traceback comes before that line and the exit
 code stays the same. Warnings are one line and do not stop the command.
 

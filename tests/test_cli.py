@@ -98,7 +98,8 @@ def test_image_folder_end_to_end(cli, tmp_path):
     meta = checkpoint.read_meta(out)
     assert meta["classes"] == ["cat", "dog", "fox"] and meta["image_size"] == 12 and meta["in_channels"] == 3
     r = cli("eval", "--model", out, "--json")  # the data spec comes from the checkpoint
-    assert r.returncode == 0, r.stderr and read_json(r.stdout)["n"] == 6
+    assert r.returncode == 0, r.stderr
+    assert read_json(r.stdout)["n"] == 6
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -108,17 +109,13 @@ def test_image_folder_end_to_end(cli, tmp_path):
     (["--label-noise", "foo:0.2"], 2, "KIND:RATE"),
     (["--labels", "MISSING"], 3, "no such file"),
     (["--labels", "BADLABELS"], 3, "not an integer"),
-    (["--keep", "OUTOFRANGE"], 3, "out of range"),
-    (["--keep", "DUPLICATED"], 3, "more than once"),
     (["--device", "cuda"], 4, "CUDA is not available"),
     (["--data", "cifar10", "--data-root", "NOROOT"], 3, "--download"),
 ])
 def test_train_errors(cli, tmp_path, args, code, needle):
     (tmp_path / "bad_labels.csv").write_text("label\n1\nzero\n")
-    (tmp_path / "oor.csv").write_text("index\n5\n99999\n")
-    (tmp_path / "dup.csv").write_text("index\n5\n5\n")
     subst = {"MISSING": tmp_path / "none.npy", "BADLABELS": tmp_path / "bad_labels.csv",
-             "OUTOFRANGE": tmp_path / "oor.csv", "DUPLICATED": tmp_path / "dup.csv", "NOROOT": tmp_path / "nothing"}
+             "NOROOT": tmp_path / "nothing"}
     out = tmp_path / "t.safetensors"
     r = cli("train-teacher", "--epochs", "1", "--out", out, *[str(subst.get(a, a)) for a in args])
     assert r.returncode == code, r.stderr

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kdfine.errors import UsageError
-from kdfine.losses import LOSSES, check_options, kd_loss, kl_inf_term
+from kdfine.losses import LOSSES, kd_loss, kl_inf_term
+from kdfine.options import TrainConfig
 
 B, K = 6, 10
 
@@ -83,7 +84,7 @@ def test_tau_squared_kl_at_large_tau_equals_kl_inf():
     tau = 1e4
     kl = kd_loss(zs, zt, y, loss="kl", tau=tau)
     kl_inf = kd_loss(zs, zt, y, loss="kl-inf")
-    # DESIGN.md: kl-inf = (1/2K)||P d||^2 is the limit of tau^2 * KL itself ...
+    # kdfine.losses: kl-inf = (1/2K)||P d||^2 is the limit of tau^2 * KL itself ...
     torch.testing.assert_close(kl, kl_inf, rtol=1e-3, atol=0)
     # ... so twice tau^2 * KL is the centred squared logit distance over K, as the issue words it
     pd = centred(zs - zt)
@@ -170,16 +171,22 @@ def test_low_precision_logits_are_scored_in_float32():
     assert abs(out.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
 
 
-@pytest.mark.parametrize("loss,tau,alpha,fragment", [("l1", 4.0, 1.0, "--loss"), ("kl", 0.0, 1.0, "--tau"),
+@pytest.mark.parametrize("loss,tau,alpha,fragment", [("l1", 4.0, 1.0, "--loss"), ("kl", float("nan"), 1.0, "--tau"), ("kl", 0.0, 1.0, "--tau"),
                                                      ("kl", -1.0, 1.0, "--tau"), ("mse", 4.0, 1.5, "--alpha"),
                                                      ("mse", 4.0, -0.1, "--alpha")])
 def test_bad_options_are_usage_errors(loss, tau, alpha, fragment):
     with pytest.raises(UsageError, match=fragment):
-        check_options(loss, tau, alpha)
+        TrainConfig(loss=loss, tau=tau, alpha=alpha).validate()
 
 
 def test_every_named_loss_is_accepted():
     zs, zt, y = pair(14)
     for loss in LOSSES:
-        check_options(loss, 4.0, 0.5)
+        TrainConfig(loss=loss, tau=4.0, alpha=0.5).validate()
         assert torch.isfinite(kd_loss(zs, zt, y, loss=loss, tau=4.0, alpha=0.5))
+
+
+def test_unknown_loss_name_is_a_programming_error():
+    zs, zt, y = pair(15)
+    with pytest.raises(ValueError, match="unknown distillation loss"):
+        kd_loss(zs, zt, y, loss="l1")

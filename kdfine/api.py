@@ -20,6 +20,7 @@ import torch
 from kdfine import checkpoint, distributed, features, metrics
 from kdfine.data.noise import apply_noise, parse_noise
 from kdfine.data.sources import ArrayDataset, Source, load_source
+from kdfine.device import use_channels_last
 from kdfine.detection import detect_noise, write_detection  # noqa: F401  (torch-free, re-exported)
 from kdfine.engine import Reporter, TeacherEnsemble, TrainConfig, fit, state_path
 from kdfine.errors import InputError, KdfineWarning, UsageError
@@ -246,7 +247,7 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
         ck.model.to(ctx.device)
         f, z = features.extract(ck.model, ds.images, ck.meta["mean"], ck.meta["std"], device=ctx.device,
                                 batch_size=batch_size, precision=prec, features=want_features,
-                                channels_last=features.use_channels_last("auto", ctx.device))
+                                channels_last=use_channels_last("auto", ctx.device))
         ck.model.to("cpu")
         return f, z
 

@@ -72,8 +72,9 @@ LabelsOpt = Annotated[Optional[str], typer.Option(
 KeepOpt = Annotated[Optional[str], typer.Option(
     "--keep", help="Train on these training indices only (CSV with an 'index' column, e.g. from detect-noise).",
     rich_help_panel=P_DATA)]
-ArchOpt = Annotated[str, typer.Option("--arch", help="Architecture: wrn-D-W, resnet20/32/56/110, resnet8x4, "
-                                      "resnet32x4, preact-resnet18, resnet34, cnn[-W], mlp[-W].",
+# not the whole list: it comes from kdfine.models.list_archs(), which imports torch (detect-noise must not)
+ArchOpt = Annotated[str, typer.Option("--arch", help="Architecture, e.g. wrn-28-4 or cnn-16; an unknown name "
+                                      "lists them all, as does the README's Models section.",
                                       rich_help_panel=P_TRAIN)]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.", rich_help_panel=P_TRAIN)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size (split across torchrun ranks).",

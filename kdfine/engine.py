@@ -26,7 +26,8 @@ from kdfine import distributed, fine, metrics
 from kdfine.data.batches import TrainBatches
 from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError, Interrupted, UsageError
-from kdfine.features import autocast, extract, resolve_precision, teacher_precision, use_channels_last
+from kdfine.device import autocast, resolve_precision, teacher_precision, use_channels_last
+from kdfine.features import extract
 from kdfine.losses import check_options, kd_loss
 
 

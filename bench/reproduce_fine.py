@@ -134,13 +134,14 @@ def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Pat
     ``<dest>.index.npy`` maps the dump's rows back to dataset indices."""
     from kdfine import api, checkpoint, distributed, features
     from kdfine.data.prepare import prepare
+    from kdfine.device import use_channels_last
 
     ctx = distributed.setup(device)
     ck = checkpoint.load(model, "cpu", "--model")
     prep = prepare(api.DataOptions(data=s.data, label_noise=noise))
     train = prep.train
     f, z = features.extract(ck.model.to(ctx.device), train.images[keep], ck.meta["mean"], ck.meta["std"],
-                            device=ctx.device, channels_last=features.use_channels_last("auto", ctx.device))
+                            device=ctx.device, channels_last=use_channels_last("auto", ctx.device))
     info = {"checkpoint": str(model), "data": s.data, "split": "train", "label_noise": noise, "noise_seed": 0,
             "num_classes": train.num_classes, "classes": train.classes, "n": int(keep.size), "dim": int(f.shape[1]),
             "keep": str(s.keep)}

@@ -54,9 +54,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import benchinfo  # noqa: E402
+from kdfine import device as kdevice  # noqa: E402
 from kdfine import features as kfeatures  # noqa: E402
 from kdfine.data.sources import ArrayDataset, cache_dir, load_source  # noqa: E402
-from kdfine.engine import Reporter, TeacherEnsemble, TrainConfig, fit, param_groups, parse_schedule  # noqa: E402
+from kdfine.engine import Reporter, TeacherEnsemble, fit, param_groups  # noqa: E402
+from kdfine.options import TrainConfig, parse_schedule  # noqa: E402
 from kdfine.models import build  # noqa: E402
 
 TARGETS = {"wrn-16-1": 1.8, "wrn-16-2": 1.3, "wrn-16-2->wrn-16-1": 1.6}
@@ -286,7 +288,7 @@ def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar,
     fit(model, cifar.train, cfg, device=device, teacher=teacher_a, selection=subset, reporter=Alternator(after_epoch))
     a = statistics.median(r["kdfine_img_s"] for r in rounds)
     b = statistics.median(r["conventional_img_s"] for r in rounds)
-    prec = kfeatures.resolve_precision(args.precision, device)
+    prec = kdevice.resolve_precision(args.precision, device)
     summary = {"bench": "throughput", "kind": "train-summary", "name": name, "device": str(device),
                "rounds": len(rounds), "steps": args.steps, "batch_size": args.batch_size,
                "kdfine_img_s": round(a, 1), "conventional_img_s": round(b, 1),
@@ -313,7 +315,7 @@ def bench_features(arch: str, cifar: Cifar, args, device: torch.device) -> dict[
     model_b = copy.deepcopy(model)
     loader = conventional_loader(cifar.root, "train", cifar.train.mean, cifar.train.std, train=False, batch=512,
                                  workers=args.workers, indices=idx, seed=args.seed, device=device, shuffle=False)
-    cl = kfeatures.use_channels_last(args.channels_last, device)
+    cl = kdevice.use_channels_last(args.channels_last, device)
 
     def run_a() -> float:
         t0 = time.perf_counter()
@@ -445,7 +447,7 @@ def throughput_tables(train: list[dict], feats: list[dict], ceiling: dict[str, f
             [[f["name"], f"{f['kdfine_img_s']:,.0f}", f"{f['conventional_img_s']:,.0f}", f"{f['median_ratio']:.2f}x"]
              for f in feats])
     rates = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items())
-    t_prec = kfeatures.teacher_precision(train[0]["kdfine_precision_option"], device) if train else "?"
+    t_prec = kdevice.teacher_precision(train[0]["kdfine_precision_option"], device) if train else "?"
     out += (f"\n\nGEMM peak (torch.mm, measured): {rates}. kdfine precision: {train[0]['kdfine_precision'] if train else '?'}"
             f" (distillation teachers: {t_prec})"
             f"; the conventional pipeline runs fp32 NCHW.")
@@ -501,7 +503,7 @@ def main() -> None:
         return
 
     ceiling = {"fp32": gemm_gflops(device)}
-    if kfeatures.resolve_precision(args.precision, device) == "bf16":
+    if kdevice.resolve_precision(args.precision, device) == "bf16":
         ceiling["bf16"] = gemm_gflops(device, torch.bfloat16)
     benchinfo.emit({"bench": "throughput", "kind": "gemm", "device": str(device),
                     **{f"{k}_gflops": round(v, 1) for k, v in ceiling.items()}})

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kdfine.errors import DeviceError, KdfineError, UsageError
+from kdfine.device import resolve_device
+from kdfine.errors import KdfineError, UsageError
 from kdfine.launch import launched_by_torchrun
 
 
@@ -42,39 +43,6 @@ _ctx = Context()
 
 def context() -> Context:
     return _ctx
-
-
-def resolve_device(option: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA if present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-    Raises :class:`DeviceError` (exit 4) when the requested device is missing."""
-    opt = option.strip().lower()
-    if opt == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if opt == "cpu":
-        return torch.device("cpu")
-    if opt == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise DeviceError("--device mps: MPS is not available on this machine; use --device cpu")
-        return torch.device("mps")
-    if opt == "cuda" or opt.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {option}: CUDA is not available on this machine "
-                              "(no GPU or no CUDA driver); use --device cpu")
-        n = torch.cuda.device_count()
-        if opt == "cuda":
-            return torch.device("cuda", local_rank % n)
-        try:
-            index = int(opt.split(":", 1)[1])
-        except ValueError:
-            raise UsageError(f"--device '{option}': expected auto, cpu, cuda, cuda:N or mps") from None
-        if not 0 <= index < n:
-            raise DeviceError(f"--device {option}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
-        return torch.device("cuda", index)
-    raise UsageError(f"--device '{option}': expected auto, cpu, cuda, cuda:N or mps")
 
 
 def setup(device_option: str = "auto") -> Context:

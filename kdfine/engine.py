@@ -26,79 +26,10 @@ from kdfine import distributed, fine, metrics
 from kdfine.data.batches import TrainBatches
 from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError, Interrupted, UsageError
-from kdfine.features import autocast, extract, resolve_precision, teacher_precision, use_channels_last
-from kdfine.losses import check_options, kd_loss
-
-
-@dataclass
-class TrainConfig:
-    """Every option of the training loop, with the defaults of the CLI."""
-
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "multistep"
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16
-    channels_last: str = "auto"  # auto (on for CUDA and CPU) | on | off
-    compile: bool = False
-    loss: str = "ce"
-    tau: float = 4.0
-    alpha: float = 1.0
-    eval_every: int = 1
-    fine_warmup: int = 10
-    fine_every: int = 0  # 0: no dynamic FINE selection
-    fine_zeta: float = 0.5
-    fine_method: str = "gmm"
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if not self.lr > 0:
-            raise UsageError(f"--lr {self.lr}: must be > 0")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay {self.weight_decay}: must be >= 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UsageError(f"--precision '{self.precision}': expected auto, fp32 or bf16")
-        if self.fine_every < 0 or self.fine_warmup < 0:
-            raise UsageError("--fine-every and --fine-warmup must be >= 0")
-        if not 0.0 <= self.fine_zeta < 1.0:
-            raise UsageError(f"--fine-zeta {self.fine_zeta}: must lie in [0, 1)")
-        if self.fine_method not in ("gmm", "kmeans"):
-            raise UsageError(f"--fine-method '{self.fine_method}': expected gmm or kmeans")
-        check_options(self.loss, self.tau, self.alpha)
-        parse_schedule(self.schedule, self.epochs)
-
-
-# ----------------------------------------------------------------------------------- schedule
-
-
-def parse_schedule(spec: str, epochs: int) -> Callable[[float], float]:
-    """LR multiplier as a function of fractional epoch ``t`` in [0, epochs).
-
-    ``multistep`` (x0.1 at 50% and 75% of the epochs), ``multistep:E1,E2,...`` (x0.1 at those
-    epochs), ``cosine`` (per step, to 0), ``constant``.
-    """
-    kind, _, arg = spec.strip().lower().partition(":")
-    if kind == "constant" and not arg:
-        return lambda t: 1.0
-    if kind == "cosine" and not arg:
-        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / epochs, 1.0)))
-    if kind == "multistep":
-        if arg:
-            try:
-                milestones = sorted(int(m) for m in arg.split(","))
-            except ValueError:
-                raise UsageError(f"--schedule '{spec}': milestones must be integers, e.g. multistep:100,150") from None
-            if any(m < 1 for m in milestones):
-                raise UsageError(f"--schedule '{spec}': milestones must be >= 1")
-        else:
-            milestones = [max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75))]
-        return lambda t: 0.1 ** sum(int(t) >= m for m in milestones)
-    raise UsageError(f"--schedule '{spec}': expected multistep, multistep:E1,E2,..., cosine or constant")
+from kdfine.device import autocast, resolve_precision, teacher_precision, use_channels_last
+from kdfine.features import extract
+from kdfine.losses import kd_loss
+from kdfine.options import TrainConfig, parse_schedule
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

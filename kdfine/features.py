@@ -7,7 +7,6 @@ spec, split, noise spec) and, when noise was injected, ``f.truth.npy`` (the true
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kdfine.device import autocast
 from kdfine.errors import InputError, UsageError
 from kdfine.io import atomic_open, atomic_save_npy, check_writable, is_special, load_npy
 
@@ -34,49 +34,6 @@ def _inference_mode(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast when ``precision`` resolves to bf16 on ``device``, else a no-op context."""
-    import torch
-
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def use_channels_last(option: str, device: torch.device) -> bool:
-    """``auto``: channels_last on CUDA and CPU, where convolutions run measurably faster in it
-    (see the README's Performance section); ``on``/``off`` force it."""
-    if option not in ("auto", "on", "off"):
-        from kdfine.errors import UsageError
-
-        raise UsageError(f"--channels-last '{option}': expected auto, on or off")
-    return option == "on" or (option == "auto" and device.type in ("cuda", "cpu"))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA and fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def teacher_precision(precision: str, device: torch.device) -> str:
-    """The precision of frozen teachers' forward passes: as :func:`resolve_precision`, except that
-    ``auto`` on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX) is bf16. There a teacher's
-    forward runs twice as fast in bf16 (the README's Performance section), its logits move by a
-    fraction of a percent, and the student's own arithmetic stays fp32."""
-    if precision == "auto" and device.type == "cpu" and cpu_has_bf16():
-        return "bf16"
-    return resolve_precision(precision, device)
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
 
 
 @_inference_mode
@@ -108,7 +65,7 @@ def extract(model: torch.nn.Module, images: np.ndarray, mean, std, *, device: to
                 z = model(x)
             logits.append(z.float())
     model.train(was_training)
-    k = _out_dim(model, "head")
+    k = _out_dim(model)
     z = torch.cat(logits) if logits else torch.zeros((0, k), device=device)
     z = distributed.gather_rows(z, n).cpu().numpy()
     if not features:
@@ -117,7 +74,7 @@ def extract(model: torch.nn.Module, images: np.ndarray, mean, std, *, device: to
     return distributed.gather_rows(f, n).cpu().numpy(), z
 
 
-def _out_dim(model: torch.nn.Module, name: str) -> int:
+def _out_dim(model: torch.nn.Module) -> int:
     from kdfine.checkpoint import unwrap
 
     return unwrap(model).head.out_features

@@ -16,11 +16,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
+from kdfine.device import CHANNELS_LAST, PRECISIONS  # torch-free at import
 from kdfine.errors import UsageError
 
 SPLITS = ("train", "test")
-PRECISIONS = ("auto", "fp32", "bf16")
-CHANNELS_LAST = ("auto", "on", "off")
 SCHEDULES = ("multistep", "multistep:E1,E2,...", "cosine", "constant")
 LOSSES = ("ce", "kl", "mse", "kl-inf")  # kdfine.losses implements exactly these (a test checks)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds; larger values would wrap silently

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from kdfine.data.noise import KINDS, NoiseSpec, parse_noise
 from kdfine.data.sources import TORCHVISION_SETS, load_source, parse_data_spec
-from kdfine.distributed import resolve_device
-from kdfine.engine import parse_schedule
+from kdfine.device import resolve_device
+from kdfine.options import parse_schedule
 from kdfine.errors import DeviceError, InputError, UsageError
 from kdfine.io import read_index, read_labels
 

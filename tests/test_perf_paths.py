@@ -164,7 +164,7 @@ def test_channels_last_step_matches_the_plain_step():
 def test_teachers_run_in_bf16_on_cpus_with_native_bf16():
     from pathlib import Path
 
-    from kdfine.features import cpu_has_bf16, resolve_precision, teacher_precision
+    from kdfine.device import cpu_has_bf16, resolve_precision, teacher_precision
 
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():  # Linux: the kernel's CPU flags say whether the CPU has bf16 arithmetic

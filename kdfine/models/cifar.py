@@ -1,45 +1,18 @@
-"""Architecture registry: ``build(arch, num_classes, in_channels, image_size)``.
-
-Every model is a :class:`Classifier`: ``model(x)`` returns logits (B, K) and ``model.features(x)``
-the penultimate representation (B, D) that FINE and ``eval --dump-features`` use, with
-``model.head(model.features(x)) == model(x)``.
-
-Names:
-  wrn-D-W          pre-activation Wide-ResNet (D = 6n+4; WRN-28-4 teacher, WRN-16-2 student in the KD paper)
-  resnet20/32/56/110, resnet8x4, resnet32x4
-                   CIFAR ResNets of the KD benchmarks (1x1-conv shortcuts)
-  preact-resnet18  pre-activation ResNet-18 for 32x32 inputs
-  resnet34         ResNet-34 for 32x32 inputs (the FINE paper's network)
-  cnn, cnn-W       3-conv network for tiny inputs (W = first width, default 32)
-  mlp, mlp-W       2-hidden-layer perceptron (W = hidden width, default 256)
+"""The built-in networks for small (CIFAR-sized) inputs, registered in :mod:`kdfine.models`:
+pre-activation Wide-ResNets (the KD paper's WRN-28-4 teacher and WRN-16-2 student), the CIFAR
+ResNets of the KD benchmarks (1x1-conv shortcuts), preact-ResNet-18 and ResNet-34 for 32x32 inputs
+(ResNet-34 is the FINE paper's network), and a small CNN and an MLP for tiny inputs.
+``kdfine.models.list_archs()`` lists the names.
 """
 
 from __future__ import annotations
-
-import re
-from typing import Callable
 
 import torch
 from torch import nn
 
 from kdfine.errors import UsageError
-
-
-class Classifier(nn.Module):
-    """A backbone producing features (B, D) and a linear head to K logits."""
-
-    feature_dim: int
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, logits) from one pass."""
-        f = self.features(x)
-        return f, self.head(f)
+from kdfine.models import register, register_family
+from kdfine.models.base import Classifier
 
 
 def _init(module: nn.Module) -> None:
@@ -181,56 +154,53 @@ class MLP(Classifier):
         return self.body(x)
 
 
-# ------------------------------------------------------------------------------ registry
+# ------------------------------------------------------------------------------ registrations
 
-Builder = Callable[[int, int, int], Classifier]
-
-_FIXED: dict[str, Builder] = {
-    "resnet20": lambda k, c, s: ResNet(16, [16, 32, 64], [3, 3, 3], [1, 2, 2], k, c),
-    "resnet32": lambda k, c, s: ResNet(16, [16, 32, 64], [5, 5, 5], [1, 2, 2], k, c),
-    "resnet56": lambda k, c, s: ResNet(16, [16, 32, 64], [9, 9, 9], [1, 2, 2], k, c),
-    "resnet110": lambda k, c, s: ResNet(16, [16, 32, 64], [18, 18, 18], [1, 2, 2], k, c),
-    "resnet8x4": lambda k, c, s: ResNet(32, [64, 128, 256], [1, 1, 1], [1, 2, 2], k, c),
-    "resnet32x4": lambda k, c, s: ResNet(32, [64, 128, 256], [5, 5, 5], [1, 2, 2], k, c),
-    "resnet34": lambda k, c, s: ResNet(64, [64, 128, 256, 512], [3, 4, 6, 3], [1, 2, 2, 2], k, c),
-    "preact-resnet18": lambda k, c, s: PreActNet(64, [64, 128, 256, 512], [2, 2, 2, 2], [1, 2, 2, 2], k, c),
-}
-
-_PATTERNS: list[tuple[str, Callable[..., Classifier]]] = [
-    (r"wrn-(\d+)-(\d+)", lambda m, k, c, s: _wrn(int(m[1]), int(m[2]), k, c)),
-    (r"cnn(?:-(\d+))?", lambda m, k, c, s: SmallCNN(int(m[1] or 32), k, c)),
-    (r"mlp(?:-(\d+))?", lambda m, k, c, s: MLP(int(m[1] or 256), k, c, s)),
-]
-
-ARCH_HELP = "wrn-D-W (e.g. wrn-28-4, wrn-16-2), resnet20/32/56/110, resnet8x4, resnet32x4, " \
-            "preact-resnet18, resnet34, cnn[-W], mlp[-W]"
+_CIFAR = dict(stem=16, widths=[16, 32, 64], strides=[1, 2, 2])
+_X4 = dict(stem=32, widths=[64, 128, 256], strides=[1, 2, 2])
+_IMAGENET = dict(stem=64, widths=[64, 128, 256, 512], strides=[1, 2, 2, 2])
 
 
-def _wrn(depth: int, width: int, k: int, c: int) -> Classifier:
+def _resnet(name: str, depths: list[int], **shape) -> None:
+    register(name)(lambda k, c, s: ResNet(depths=depths, num_classes=k, in_channels=c, **shape))
+
+
+for _name, _n in (("resnet20", 3), ("resnet32", 5), ("resnet56", 9), ("resnet110", 18)):
+    _resnet(_name, [_n] * 3, **_CIFAR)
+_resnet("resnet8x4", [1, 1, 1], **_X4)
+_resnet("resnet32x4", [5, 5, 5], **_X4)
+_resnet("resnet34", [3, 4, 6, 3], **_IMAGENET)
+
+
+@register("preact-resnet18")
+def preact_resnet18(k: int, c: int, s: int) -> Classifier:
+    return PreActNet(depths=[2, 2, 2, 2], num_classes=k, in_channels=c, **_IMAGENET)
+
+
+@register_family("wrn-D-W", r"wrn-(\d+)-(\d+)", ("wrn-16-1", "wrn-16-2", "wrn-28-4", "wrn-40-2"))
+def wrn(groups: tuple, k: int, c: int, s: int) -> Classifier:
+    """Wide-ResNet of depth D = 6n+4 (>= 10) and width W >= 1."""
+    depth, width = int(groups[0]), int(groups[1])
     if (depth - 4) % 6 or depth < 10 or width < 1:
         raise UsageError(f"--arch wrn-{depth}-{width}: depth must be 6n+4 (10, 16, 22, 28, 40, ...) and width >= 1")
     n = (depth - 4) // 6
     return PreActNet(16, [16 * width, 32 * width, 64 * width], [n, n, n], [1, 2, 2], k, c)
 
 
-def names() -> list[str]:
-    """Examples of valid names (the patterned families with their common members)."""
-    return sorted(_FIXED) + ["wrn-16-1", "wrn-16-2", "wrn-28-4", "wrn-40-2", "cnn", "mlp"]
+def _width(family: str, groups: tuple, default: int, minimum: int) -> int:
+    width = int(groups[0]) if groups[0] else default
+    if width < minimum:
+        raise UsageError(f"--arch {family}-{groups[0]}: the width must be >= {minimum}")
+    return width
 
 
-def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> Classifier:
-    """Build ``arch`` for inputs (B, in_channels, image_size, image_size) and ``num_classes`` outputs."""
-    name = arch.strip().lower()
-    if num_classes < 1:
-        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
-    if name in _FIXED:
-        return _FIXED[name](num_classes, in_channels, image_size)
-    for pattern, make in _PATTERNS:
-        m = re.fullmatch(pattern, name)
-        if m:
-            return make(m, num_classes, in_channels, image_size)
-    raise UsageError(f"--arch '{arch}': unknown architecture; expected one of {ARCH_HELP}")
+@register_family("cnn[-W]", r"cnn(?:-(\d+))?", ("cnn",))
+def cnn(groups: tuple, k: int, c: int, s: int) -> Classifier:
+    """SmallCNN of first width W (default 32, >= 1)."""
+    return SmallCNN(_width("cnn", groups, 32, 1), k, c)
 
 
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+@register_family("mlp[-W]", r"mlp(?:-(\d+))?", ("mlp",))
+def mlp(groups: tuple, k: int, c: int, s: int) -> Classifier:
+    """MLP of hidden width W (default 256, >= 2: the second layer has W/2 units)."""
+    return MLP(_width("mlp", groups, 256, 2), k, c, s)

@@ -108,12 +108,12 @@ def train_teacher(out: str, *, arch: str = "cnn", data: DataOptions | None = Non
                   device: str = "auto", log: str | None = None, resume: bool = False, force: bool = False,
                   quiet: bool = False) -> dict[str, Any]:
     """Train ``arch`` on ``data`` with cross-entropy and write the checkpoint to ``out``."""
+    cfg = replace(cfg or TrainConfig(), loss="ce").validate()  # options first: nothing loaded yet
+    data = (data or DataOptions()).validate()
     from kdfine import distributed
     from kdfine.data.prepare import prepare
     from kdfine.models import check_arch
 
-    cfg = replace(cfg or TrainConfig(), loss="ce").validate()
-    data = (data or DataOptions()).validate()
     check_arch(arch)  # an unknown --arch fails here, before any data is loaded
     ctx = distributed.setup(device)
     _check_outputs(out, log)
@@ -125,14 +125,14 @@ def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOp
             cfg: TrainConfig | None = None, device: str = "auto", log: str | None = None, resume: bool = False,
             force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Distil one or more teachers (logits averaged) into a new ``arch`` student."""
+    cfg = (cfg or TrainConfig(loss="mse")).validate()  # options first: nothing loaded yet
+    data = (data or DataOptions()).validate()
+    if not teachers:
+        raise UsageError("distill needs at least one --teacher")
     from kdfine import checkpoint, distributed
     from kdfine.data.prepare import check_compatible, inherit_from, prepare
     from kdfine.models import check_arch
 
-    cfg = (cfg or TrainConfig(loss="mse")).validate()
-    data = (data or DataOptions()).validate()
-    if not teachers:
-        raise UsageError("distill needs at least one --teacher")
     check_arch(arch)
     ctx = distributed.setup(device)
     _check_outputs(out, log)
@@ -157,15 +157,15 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
     """Metrics of each model on a split; with ``teachers``, agreement with their (averaged) logits;
     with ``dump_features``, the feature dump of the (first) model; ``on_logits(ckpt, logits (N, K),
     dataset)`` is called for each model (on rank 0), e.g. to plot."""
-    from kdfine import checkpoint, distributed, features
-    from kdfine.data.prepare import check_compatible, inherit_from, prepare
-
-    ev = EvalOptions(split, batch_size, precision).validate()
+    ev = EvalOptions(split, batch_size, precision).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if not models:
         raise UsageError("eval needs at least one --model")
     if dump_features and len(models) > 1:
         raise UsageError("--dump-features takes a single --model")
+    from kdfine import checkpoint, distributed, features
+    from kdfine.data.prepare import check_compatible, inherit_from, prepare
+
     ctx = distributed.setup(device)
     if dump_features:
         features.check_dump_path(dump_features)
@@ -253,15 +253,15 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, detect: Dete
           device: str = "auto", batch_size: int = 512) -> dict[str, Any]:
     """Features of the training split with ``model``, FINE, the kept index list, and optionally the
     kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``)."""
+    d = (detect or DetectOptions()).validate()  # options first: nothing loaded yet
+    data = (data or DataOptions()).validate()
+    if export and export_dir:
+        raise UsageError("--export and --export-dir are alternatives; give one")
     import tempfile
 
     from kdfine import checkpoint, distributed, features
     from kdfine.data.prepare import inherit_from
 
-    d = (detect or DetectOptions()).validate()
-    data = (data or DataOptions()).validate()
-    if export and export_dir:
-        raise UsageError("--export and --export-dir are alternatives; give one")
     if out != "-":
         check_writable(out)
     if export:

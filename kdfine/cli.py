@@ -78,7 +78,11 @@ def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> i
         if type(None) in typing.get_args(hint):
             typ = Optional[typ]
     decls = [meta.flag] + ([meta.short] if meta.short else [])
-    info = typer.Option(*decls, help=meta.help, rich_help_panel=meta.panel, min=meta.min)
+    complete = None
+    if meta.completions is not None:
+        def complete(incomplete: str) -> list[str]:
+            return [v for v in meta.completions() if v.startswith(incomplete)]
+    info = typer.Option(*decls, help=meta.help, rich_help_panel=meta.panel, min=meta.min, autocompletion=complete)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[typ, info])
 
 
@@ -91,7 +95,7 @@ def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
     defaults = defaults or {}
 
     def decorate(fn: Callable) -> Callable:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(fn, eval_str=True)
         own = [p for n, p in sig.parameters.items() if n not in groups]
         added: dict[str, tuple[str, str]] = {}  # parameter name -> (group, field)
         params = []
@@ -100,7 +104,7 @@ def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
             for f in dataclasses.fields(cls):
                 if "cli" not in f.metadata or f.name in exclude:
                     continue
-                if f.name in added or f.name in sig.parameters:
+                if f.name in added or any(p.name == f.name for p in own):
                     raise TypeError(f"{fn.__name__}: option {f.name} declared twice")
                 added[f.name] = (group, f.name)
                 params.append(_option_param(f.name, f, hints[f.name], defaults.get(f.name, f.default)))
@@ -564,7 +568,10 @@ def plot_log(
 def main() -> None:
     """Console entry point. ``--debug`` is accepted anywhere on the command line. A usage error
     (a bad option value, a missing option) is one line on stderr and exit 2, like kdfine's own."""
-    from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError
+    try:  # typer >= 0.23 carries its own copy of click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:  # pragma: no cover - older typer on click
+        from click.exceptions import ClickException, NoArgsIsHelpError
 
     if "--debug" in sys.argv[1:]:
         _state["debug"] = True
@@ -577,9 +584,9 @@ def main() -> None:
     except ClickException as e:
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        message = " ".join(e.format_message().split())
+        message = " ".join(e.format_message().replace("Value error, ", "").split())
         print(f"kdfine: error: {message}{hint}", file=sys.stderr)
         code = e.exit_code
-    except Abort:
+    except typer.Abort:
         code = EXIT_INTERRUPTED
     sys.exit(code if isinstance(code, int) else 0)

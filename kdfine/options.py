@@ -39,6 +39,7 @@ class Flag:
     choices: Callable[[], Sequence[str]] | None = None
     min: float | None = None
     short: str | None = None
+    completions: Callable[[], Sequence[str]] | None = None  # shell completion of an open-ended value
 
 
 def opt(default: Any, flag: str, help: str, **kw: Any) -> Any:
@@ -181,7 +182,7 @@ class TrainConfig:
     momentum: float = 0.9  # not an option (yet): the recipes of both papers use 0.9
     weight_decay: float = opt(5e-4, "--weight-decay", "Weight decay (not on BatchNorm or biases).", panel=P_TRAIN)
     schedule: str = opt("multistep", "--schedule", "multistep (x0.1 at 50% and 75%), multistep:E1,E2, cosine or "
-                        "constant.", panel=P_TRAIN)
+                        "constant.", panel=P_TRAIN, completions=lambda: SCHEDULES)
     seed: int = opt(0, "--seed", "Seed of initialisation, data order and augmentation.", panel=P_TRAIN)
     precision: str = opt("auto", "--precision", "auto (bf16 autocast on CUDA; fp32 on a CPU, where distillation "
                          "teachers run in bf16 if the CPU has native bf16), fp32 or bf16.", panel=P_DEVICE,
@@ -189,8 +190,8 @@ class TrainConfig:
     channels_last: str = opt("auto", "--channels-last", "auto (on for CUDA and CPU), on or off.", panel=P_DEVICE,
                              choices=lambda: CHANNELS_LAST)
     compile: bool = opt(False, "--compile/--no-compile", "torch.compile the training step.", panel=P_DEVICE)
-    loss: str = opt("ce", "--loss", "mse (logit matching), kl, kl-inf (tau -> inf) or ce.", panel=P_TRAIN,
-                    choices=_losses)
+    loss: str = opt("ce", "--loss", "Distillation loss: mse matches logits, kl the tau-softened outputs, kl-inf "
+                    "is kl's tau -> inf limit, ce uses the labels alone.", panel=P_TRAIN, choices=_losses)
     tau: float = opt(4.0, "--tau", "KL temperature.", panel=P_TRAIN)
     alpha: float = opt(1.0, "--alpha", "Weight of the distillation term; 1 - alpha goes to CE on the labels.",
                        panel=P_TRAIN)

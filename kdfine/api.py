@@ -21,10 +21,12 @@ from kdfine import checkpoint, distributed, features, metrics
 from kdfine.data.noise import apply_noise, parse_noise
 from kdfine.data.sources import ArrayDataset, Source, load_source
 from kdfine.detection import detect_noise, write_detection  # noqa: F401  (torch-free, re-exported)
-from kdfine.engine import Reporter, TeacherEnsemble, TrainConfig, fit, state_path
+from kdfine.engine import TeacherEnsemble, TrainConfig, fit
 from kdfine.errors import InputError, KdfineWarning, UsageError
 from kdfine.io import check_writable, is_special, read_index, read_labels, read_stdin_path
 from kdfine.models import build, param_count
+from kdfine.progress import Reporter
+from kdfine.state import state_path
 
 __all__ = ["DataOptions", "TrainConfig", "prepare_data", "train_teacher", "distill", "evaluate"]
 

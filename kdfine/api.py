@@ -57,7 +57,9 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
     import torch
 
     from kdfine import checkpoint, distributed
-    from kdfine.engine import Reporter, TeacherEnsemble, fit, state_path
+    from kdfine.engine import TeacherEnsemble, fit
+    from kdfine.progress import Reporter
+    from kdfine.state import state_path
     from kdfine.models import build
 
     train, teachers = data.train, teachers or []

@@ -13,7 +13,6 @@ import inspect
 import json
 import math
 import os
-import signal
 import sys
 import traceback
 import typing
@@ -148,7 +147,9 @@ def command(fn: Callable) -> Callable:
         warnings.showwarning = _show_warning
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", module="torch")
-        stdout, sigterm = sys.stdout, _sigterm_as_interrupt()
+        from kdfine.signals import sigterm_as_interrupt
+
+        stdout, restore_sigterm = sys.stdout, sigterm_as_interrupt()
         if _state["rank"]:
             sys.stdout = open(os.devnull, "w")  # results are rank 0's to print
         try:
@@ -171,26 +172,11 @@ def command(fn: Callable) -> Callable:
             if sys.stdout is not stdout:
                 sys.stdout.close()
                 sys.stdout = stdout
-            if sigterm is not None:
-                signal.signal(signal.SIGTERM, sigterm)
+            restore_sigterm()
             if "kdfine.distributed" in sys.modules:  # never imported (detect-noise, info): nothing to tear down
                 sys.modules["kdfine.distributed"].teardown()
 
     return wrapper
-
-
-def _sigterm_as_interrupt():
-    """Make SIGTERM raise KeyboardInterrupt like Ctrl-C (so it ends with exit 130 and cleans up
-    temporary files); returns the previous handler, or None off the main thread."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 def _fail(message: str, code: int, exc: BaseException | None = None) -> None:

@@ -1,8 +1,9 @@
 """``detect-noise``: FINE (or the small-loss detector) on a feature dump, and the CSVs it writes.
 
-Kept free of torch: reading a dump and detecting needs only numpy, scipy and scikit-learn, and
-importing torch alone would cost more than a second and hundreds of MB of resident memory
-per run (CUDA builds load their GPU libraries at import).
+Kept free of torch and scikit-learn: reading a dump and detecting needs only numpy and scipy
+(the mixture fits are kdfine's own, :mod:`kdfine.mixture`), while importing torch alone would cost
+more than a second and hundreds of MB of resident memory per run (CUDA builds load their GPU
+libraries at import).
 """
 
 from __future__ import annotations

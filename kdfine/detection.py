@@ -58,8 +58,12 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
             raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf")
     else:
         logits = None
-        _check_finite(dump.features, features_path)
-    det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
+    try:  # the passes over the features notice NaN and inf themselves: no pass of its own for that
+        det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
+    except fine.NonFiniteFeatures as e:
+        _check_finite(dump.features, features_path, e.row)
+        raise InputError(f"--features {features_path}: values too large (their squares overflow float32); "
+                         "rescale the features") from None
     report = det.summary()
     report["features"] = str(features_path)
     report["zeta"] = zeta
@@ -68,7 +72,10 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     return det, report, y, true
 
 
-def _check_finite(x: np.ndarray, path: str, chunk: int = fine.CHUNK) -> None:
+def _check_finite(x: np.ndarray, path: str, row: int | None = None, chunk: int = fine.CHUNK) -> None:
+    """Raise the InputError naming the first row with NaN or inf (``row`` when already known)."""
+    if row is not None:
+        raise InputError(f"--features {path}: row {row} contains NaN or inf; re-extract the features")
     for lo, block in fine.row_blocks(x, chunk):  # streamed: a memory map never becomes resident
         if not np.isfinite(block).all():
             row = lo + int(np.argwhere(~np.isfinite(block))[0][0])

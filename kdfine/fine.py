@@ -49,6 +49,16 @@ class FineWarning(KdfineWarning):
     """A class that could not be split and was kept whole."""
 
 
+class NonFiniteFeatures(ValueError):
+    """The features hold NaN or inf (``row``: the first such row, when the pass that noticed knows
+    it). Found by the passes themselves, at no extra cost: a non-finite entry makes its class gram
+    and its own norm non-finite."""
+
+    def __init__(self, row: int | None = None):
+        super().__init__("features contain NaN or inf" + (f" (row {row})" if row is not None else ""))
+        self.row = row
+
+
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
@@ -265,8 +275,12 @@ def top_eigenvector(g: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 def class_vectors(features, labels, num_classes: int, subset: np.ndarray | None = None,
                   chunk: int = CHUNK) -> np.ndarray:
-    """u_k for every class: (K, D) float64, unit norm (zero rows for classes with no samples)."""
-    return top_eigenvectors(class_grams(features, labels, num_classes, subset, chunk))
+    """u_k for every class: (K, D) float64, unit norm (zero rows for classes with no samples).
+    Raises :class:`NonFiniteFeatures` when a gram is not finite."""
+    grams = class_grams(features, labels, num_classes, subset, chunk)
+    if not np.isfinite(grams).all():
+        raise NonFiniteFeatures()
+    return top_eigenvectors(grams)
 
 
 def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
@@ -295,12 +309,16 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) 
             cuts = [m * w // threads for w in range(threads + 1)]
             pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b])
                                    for a, b in zip(cuts[:-1], cuts[1:]) if b > a])
+    bad = np.flatnonzero(np.isnan(scores))
+    if bad.size:
+        raise NonFiniteFeatures(int(bad[0]))
     return np.clip(scores, 0.0, 1.0)
 
 
 def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64; rows grouped by class, so that each
-    class is one matrix-vector product."""
+    """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64 (0 for zero rows, NaN for rows with
+    NaN or inf: their norm is not finite); rows grouped by class, so that each class is one
+    matrix-vector product."""
     dots = np.empty(x.shape[0])
     norms = np.empty(x.shape[0])
     for k, idx in _class_groups(labels):
@@ -309,6 +327,7 @@ def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarra
         norms[idx] = np.sqrt(np.einsum("nd,nd->n", xk, xk))
     with np.errstate(invalid="ignore", divide="ignore"):
         out[:] = np.where(norms > 0, np.abs(dots) / norms, 0.0)
+        out[~np.isfinite(norms)] = np.nan
 
 
 @dataclass
@@ -333,41 +352,43 @@ def split(scores: np.ndarray, labels, *, zeta: float = 0.5, method: str = "gmm",
     if method not in ("gmm", "kmeans"):
         raise ValueError(f"method must be gmm or kmeans, got {method!r}")
     p_clean = np.ones_like(scores)
-    report = []
     k = int(num_classes if num_classes is not None else (labels.max(initial=-1) + 1))
     by_class = np.argsort(labels, kind="stable")  # each class's indices, ascending, in one sort
     ends = np.cumsum(np.bincount(labels, minlength=k)[:k]) if labels.size else np.zeros(k, np.int64)
-    with thread_limit(1):
-        for c in range(k):
-            idx = by_class[(ends[c - 1] if c else 0):ends[c]]
-            if idx.size == 0:
-                continue
-            _split_class(c, idx, scores, p_clean, report, zeta, method, seed)
-    return p_clean > zeta, p_clean, report
+    groups = [(c, by_class[(ends[c - 1] if c else 0):ends[c]]) for c in range(k)]
+    groups = [(c, idx) for c, idx in groups if idx.size]
+    report: dict[int, ClassSplit] = {}
+    threads = min(cpu_threads(), max(len(groups), 1))
+    # the classes' fits are independent: each thread takes every threads-th class (numpy's
+    # vector operations release the GIL); results are gathered by class, so the order is fixed
+    with _Workers(threads) as pool:
+        pool.run(_split_classes, [(groups[w::threads], scores, p_clean, report, zeta, method, seed)
+                                  for w in range(threads)])
+    out = [report[c] for c, _ in groups]
+    for r in out:
+        if r.note:
+            warnings.warn(f"class {r.label}: {r.note}; kept whole", FineWarning, stacklevel=2)
+    return p_clean > zeta, p_clean, out
 
 
-def _split_class(c: int, idx: np.ndarray, scores: np.ndarray, p_clean: np.ndarray, report: list,
-                 zeta: float, method: str, seed: int) -> None:
-    """Fill ``p_clean[idx]`` for class ``c`` and append its :class:`ClassSplit` to ``report``."""
-    s = scores[idx]
-    note = ""
-    if idx.size < 2:
-        note = "fewer than 2 samples"
-    elif np.ptp(s) <= 1e-12:
-        note = "all scores equal"
-    if note:
-        warnings.warn(f"class {c}: {note}; kept whole", FineWarning, stacklevel=4)
-        p = np.ones(idx.size)
-    else:
-        p = _two_component(s, method, seed)
+def _split_classes(groups, scores: np.ndarray, p_clean: np.ndarray, report: dict, zeta: float, method: str,
+                   seed: int) -> None:
+    """Fill ``p_clean[idx]`` and ``report[c]`` (a :class:`ClassSplit`) for each ``(c, idx)`` of ``groups``."""
+    for c, idx in groups:
+        s = scores[idx]
+        note = ""
+        if idx.size < 2:
+            note = "fewer than 2 samples"
+        elif np.ptp(s) <= 1e-12:
+            note = "all scores equal"
+        p = None if note else _two_component(s, method, seed)
         if p is None:
-            note = "scores do not separate"
-            warnings.warn(f"class {c}: {note}; kept whole", FineWarning, stacklevel=4)
+            note = note or "scores do not separate"
             p = np.ones(idx.size)
-    p_clean[idx] = p
-    kept = p > zeta
-    report.append(ClassSplit(c, int(idx.size), int(kept.sum()),
-                             float(s[kept].min()) if kept.any() else float("nan"), note))
+        p_clean[idx] = p
+        kept = p > zeta
+        report[c] = ClassSplit(c, int(idx.size), int(kept.sum()), float(s[kept].min()) if kept.any() else float("nan"),
+                               note)
 
 
 def _two_component(s: np.ndarray, method: str, seed: int) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""``detect-noise``: FINE (or the small-loss detector) on a feature dump, and the CSVs it writes.
+"""``detect-noise``: FINE, small-loss, auto or knn (:data:`kdfine.fine.METHODS`) on a feature dump, and
+the CSVs it writes.
 
 Kept free of torch: reading a dump and detecting needs only numpy, scipy and scikit-learn, and
 importing torch alone would cost more than a second and hundreds of MB of resident memory
@@ -19,7 +20,7 @@ from kdfine.io import check_label_range, read_index, read_labels
 def detect_noise(features_path: str, *, labels: str | None = None, truth: str | None = None, zeta: float = 0.5,
                  method: str = "gmm", vectors_from: str | None = None, seed: int = 0,
                  num_classes: int | None = None) -> tuple[fine.Detection, dict[str, Any], np.ndarray, np.ndarray | None]:
-    """FINE (or the small-loss detector) on a feature dump. Returns the detection, a JSON-ready
+    """``method`` (one of :data:`kdfine.fine.METHODS`) on a feature dump. Returns the detection, a JSON-ready
     report, the labels used and the true labels (when known)."""
     if method not in fine.METHODS:
         raise UsageError(f"--method '{method}': expected one of {', '.join(fine.METHODS)}")
@@ -49,15 +50,17 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     basis = None
     if vectors_from:
         basis = read_index(vectors_from, n, "--vectors-from")
-    if method == "small-loss":
+    if method in fine.NEEDS_LOGITS:
         if dump.logits is None:
-            raise InputError(f"--method small-loss needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
+            raise InputError(f"--method {method} needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
                              " (written by `kdfine eval --dump-features`)")
         logits = np.asarray(dump.logits, dtype=np.float64)
         if not np.isfinite(logits).all():
             raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf")
     else:
         logits = None
+    if method == "knn":  # the neighbour search does not notice NaN by itself
+        _check_finite(dump.features, features_path)
     try:  # the passes over the features notice NaN and inf themselves: no pass of its own for that
         det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
     except fine.NonFiniteFeatures as e:

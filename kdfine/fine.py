@@ -42,7 +42,8 @@ from kdfine.errors import KdfineWarning
 
 CHUNK = 16384
 FLUSH_ROWS = 8192  # rows of one class summed in float32 before the partial gram joins the float64 total
-METHODS = ("gmm", "kmeans", "small-loss")
+METHODS = ("gmm", "kmeans", "small-loss", "auto", "knn")  # detect-noise/clean --method, in one place
+NEEDS_LOGITS = ("small-loss", "auto")
 
 
 class FineWarning(KdfineWarning):
@@ -436,7 +437,8 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
 @dataclass
 class Detection:
     """The result of :func:`detect`: indices kept as clean (sorted), per-sample scores and
-    P(clean), the class vectors (K, D) and the per-class report."""
+    P(clean), the class vectors (K, D) and the per-class report; ``detail`` holds what the
+    method chose (auto: the signals' weights and separations; knn: k and the reference size)."""
 
     clean_index: np.ndarray
     scores: np.ndarray
@@ -444,6 +446,7 @@ class Detection:
     vectors: np.ndarray | None
     classes: list[ClassSplit] = field(default_factory=list)
     method: str = "gmm"
+    detail: dict[str, Any] = field(default_factory=dict)
 
     @property
     def keep(self) -> np.ndarray:
@@ -453,10 +456,13 @@ class Detection:
 
     def summary(self) -> dict[str, Any]:
         n = int(self.scores.shape[0])
-        return {"method": self.method, "n": n, "kept": int(self.clean_index.size),
-                "kept_fraction": self.clean_index.size / n if n else 0.0,
-                "estimated_noise_rate": 1.0 - self.clean_index.size / n if n else 0.0,
-                "classes": [c.__dict__ for c in self.classes]}
+        out = {"method": self.method, "n": n, "kept": int(self.clean_index.size),
+               "kept_fraction": self.clean_index.size / n if n else 0.0,
+               "estimated_noise_rate": 1.0 - self.clean_index.size / n if n else 0.0,
+               "classes": [c.__dict__ for c in self.classes]}
+        if self.detail:
+            out[self.method] = self.detail
+        return out
 
 
 def detect(features, labels, num_classes: int | None = None, *, zeta: float = 0.5, method: str = "gmm",
@@ -465,27 +471,53 @@ def detect(features, labels, num_classes: int | None = None, *, zeta: float = 0.
     """FINE end to end: class vectors (from ``vectors_from``, a mask or index array of samples
     believed clean, else from all samples), alignment scores, per-class split.
 
-    features: (N, D) array, memmap or tensor; labels: (N,) ints in [0, K). With
-    ``method="small-loss"``, ``logits`` (N, K) are used instead of the features.
+    features: (N, D) array, memmap or tensor; labels: (N,) ints in [0, K). ``method`` is one of
+    :data:`METHODS`: ``small-loss`` uses the ``logits`` (N, K) instead of the features, ``auto``
+    both (:mod:`kdfine.combined`), ``knn`` the features' nearest neighbours (:mod:`kdfine.knn`).
     """
     labels = _labels(labels)
     k = int(num_classes if num_classes is not None else labels.max(initial=-1) + 1)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in NEEDS_LOGITS and logits is None:
+        raise ValueError(f"method {method} needs logits")
+    if method == "knn":
+        from kdfine import knn
+
+        keep, scores = knn.knn_split(features, labels, seed=seed)
+        detail = {"k": knn.K, "reference": int(min(labels.size, knn.REFERENCE))}
+        return Detection(np.flatnonzero(keep), scores, scores.copy(), None, _report(keep, scores, labels, k),
+                         method, detail)
     if method == "small-loss":
-        if logits is None:
-            raise ValueError("method small-loss needs logits")
         keep, p, scores = small_loss_split(logits, labels, zeta=zeta, seed=seed)
-        report = []
-        for c in range(k):
-            m = labels == c
-            if m.any():
-                kept = keep & m
-                report.append(ClassSplit(c, int(m.sum()), int(kept.sum()),
-                                         float(scores[kept].min()) if kept.any() else float("nan")))
-        return Detection(np.flatnonzero(keep), scores, p, None, report, method)
+        return Detection(np.flatnonzero(keep), scores, p, None, _report(keep, scores, labels, k), method)
     vectors = class_vectors(features, labels, k, vectors_from, chunk)
     scores = alignment_scores(features, labels, vectors, chunk)
-    keep, p, report = split(scores, labels, zeta=zeta, method=method, seed=seed, num_classes=k)
+    keep, p, report = split(scores, labels, zeta=zeta, method="gmm" if method == "auto" else method,
+                            seed=seed, num_classes=k)
+    if method == "auto":
+        from kdfine import combined
+
+        _, loss_p, likelihood = small_loss_split(logits, labels, zeta=zeta, seed=seed)
+        loss = -np.log(np.maximum(likelihood, np.finfo(np.float64).tiny))
+        c = combined.combine(scores, p, loss, loss_p, labels, k, zeta=zeta)
+        report = _report(c.keep, c.score, labels, k, note=c.short())
+        detail = {"weights": c.weights, "separation": c.separation, "em_iterations": c.iterations,
+                  "description": c.describe()}
+        return Detection(np.flatnonzero(c.keep), c.score, c.p_clean, vectors, report, method, detail)
     return Detection(np.flatnonzero(keep), scores, p, vectors, report, method)
+
+
+def _report(keep: np.ndarray, scores: np.ndarray, labels: np.ndarray, k: int, note: str = "") -> list[ClassSplit]:
+    """One :class:`ClassSplit` per class present, from a keep mask and scores (N,)."""
+    out = []
+    for c in range(k):
+        m = labels == c
+        if m.any():
+            kept = keep & m
+            out.append(ClassSplit(c, int(m.sum()), int(kept.sum()),
+                                  float(scores[kept].min()) if kept.any() else float("nan"), note))
+    return out
 
 
 def _labels(labels) -> np.ndarray:

@@ -461,8 +461,9 @@ def detect_noise(
     labels: Annotated[Optional[str], typer.Option("--labels", help="Labels (.npy or CSV) instead of the dump's "
                                                   "sidecar.")] = None,
     zeta: Annotated[float, typer.Option("--zeta", help="Keep samples with P(clean) above this.")] = 0.5,
-    method: Annotated[str, typer.Option("--method", help="gmm (FINE), kmeans (FINE with 2-means) or small-loss "
-                                        "(GMM on cross-entropy, from the logits sidecar).")] = "gmm",
+    method: Annotated[str, typer.Option("--method", help="gmm (FINE), kmeans (FINE with 2-means), small-loss "
+                                        "(GMM on cross-entropy, from the logits sidecar), auto (FINE and the loss "
+                                        "together) or knn (neighbours' labels, no training).")] = "gmm",
     vectors_from: Annotated[Optional[str], typer.Option(
         "--vectors-from", help="Compute class eigenvectors from these indices only (a previous clean CSV).")] = None,
     noisy_out: Annotated[Optional[str], typer.Option("--noisy-out", help="Also write the rejected samples as CSV.",
@@ -561,7 +562,7 @@ def clean(
     noisy_out: Annotated[Optional[str], typer.Option("--noisy-out", help="Also write the rejected samples as CSV.",
                                                      rich_help_panel=P_OUT)] = None,
     zeta: Annotated[float, typer.Option("--zeta", help="Keep samples with P(clean) above this.")] = 0.5,
-    method: Annotated[str, typer.Option("--method", help="gmm, kmeans or small-loss.")] = "gmm",
+    method: Annotated[str, typer.Option("--method", help="gmm, kmeans, small-loss, auto or knn (see detect-noise).")] = "gmm",
     data: DataOpt = None, data_root: DataRootOpt = None, download: DownloadOpt = False,
     image_size: ImageSizeOpt = None, test_fraction: TestFractionOpt = 0.2,
     label_noise: NoiseOpt = None, noise_seed: NoiseSeedOpt = 0, labels: LabelsOpt = None,

@@ -54,15 +54,15 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
         if dump.logits is None:
             raise InputError(f"--method {method} needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
                              " (written by `kdfine eval --dump-features`)")
-        logits = np.asarray(dump.logits, dtype=np.float64)
-        if not np.isfinite(logits).all():
-            raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf")
+        logits = dump.logits  # memory-mapped: read in float64 row blocks by fine.label_log_likelihood
     else:
         logits = None
     if method == "knn":  # the neighbour search does not notice NaN by itself
         _check_finite(dump.features, features_path)
     try:  # the passes over the features notice NaN and inf themselves: no pass of its own for that
         det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
+    except fine.NonFiniteLogits:
+        raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf") from None
     except fine.NonFiniteFeatures as e:
         _check_finite(dump.features, features_path, e.row)
         raise InputError(f"--features {features_path}: values too large (their squares overflow float32); "

@@ -50,6 +50,10 @@ class FineWarning(KdfineWarning):
     """A class that could not be split and was kept whole."""
 
 
+class NonFiniteLogits(ValueError):
+    """The logits hold NaN or inf."""
+
+
 class NonFiniteFeatures(ValueError):
     """The features hold NaN or inf (``row``: the first such row, when the pass that noticed knows
     it). Found by the passes themselves, at no extra cost: a non-finite entry makes its class gram
@@ -418,10 +422,9 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
     Returns ``keep`` (N,) bool, ``p_clean`` (N,) and ``scores`` = p(label | x) (higher = cleaner).
     """
     from kdfine import mixture
-    from kdfine.metrics import log_softmax
 
     labels = _labels(labels)
-    lp = log_softmax(np.asarray(logits, dtype=np.float64))[np.arange(labels.size), labels]
+    lp = label_log_likelihood(logits, labels)
     loss = -lp
     span = loss.max() - loss.min()
     if span <= 1e-12:
@@ -432,6 +435,21 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
     gmm = mixture.gaussian_mixture(norm, seed=seed, tol=1e-2, reg_covar=5e-4, max_iter=10)
     p = gmm.resp[:, int(np.argmin(gmm.means))]
     return p > zeta, p, np.exp(lp)
+
+
+def label_log_likelihood(logits, labels: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """log p(label_i | x_i) under ``logits`` (N, K), (N,) float64; computed in float64 row blocks, so a
+    memory-mapped float32 (N, K) stays on disk (1M x 100 would be 800 MB as one float64 array).
+    Raises ValueError when a logit is NaN or inf."""
+    from kdfine.metrics import log_softmax
+
+    out = np.empty(labels.size)
+    for lo in range(0, labels.size, chunk):
+        z = np.asarray(logits[lo:lo + chunk], dtype=np.float64)
+        if not np.isfinite(z).all():
+            raise NonFiniteLogits("logits contain NaN or inf")
+        out[lo:lo + z.shape[0]] = log_softmax(z)[np.arange(z.shape[0]), labels[lo:lo + z.shape[0]]]
+    return out
 
 
 @dataclass

@@ -128,7 +128,8 @@ def read_index(path: Path) -> np.ndarray:
     return np.loadtxt(path, dtype=np.int64, delimiter=",", skiprows=1, usecols=0, ndmin=1)
 
 
-def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Path, device: str) -> None:
+def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Path, device: str,
+                image_size: int | None = None) -> None:
     """What ``eval --split train --dump-features`` writes, for the ``--keep`` rows only (the samples
     the model was trained on), through the library: the CLI's eval always covers the whole split.
     ``<dest>.index.npy`` maps the dump's rows back to dataset indices."""
@@ -138,7 +139,7 @@ def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Pat
 
     ctx = distributed.setup(device)
     ck = checkpoint.load(model, "cpu", "--model")
-    prep = prepare(api.DataOptions(data=s.data, label_noise=noise))
+    prep = prepare(api.DataOptions(data=s.data, label_noise=noise, image_size=image_size))
     train = prep.train
     f, z = features.extract(ck.model.to(ctx.device), train.images[keep], ck.meta["mean"], ck.meta["std"],
                             device=ctx.device, channels_last=use_channels_last("auto", ctx.device))

@@ -24,8 +24,7 @@ import typer
 
 import kdfine
 from kdfine.errors import EXIT_INPUT, EXIT_INTERRUPTED, KdfineError
-from kdfine.options import (P_DATA, P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag,
-                            TrainConfig)
+from kdfine.options import P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag, TrainConfig
 
 app = typer.Typer(
     name="kdfine",
@@ -77,10 +76,8 @@ def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> i
         if type(None) in typing.get_args(hint):
             typ = Optional[typ]
     decls = [meta.flag] + ([meta.short] if meta.short else [])
-    complete = None
-    if meta.completions is not None:
-        def complete(incomplete: str) -> list[str]:
-            return [v for v in meta.completions() if v.startswith(incomplete)]
+    complete = None if meta.completions is None else (
+        lambda incomplete: [v for v in meta.completions() if v.startswith(incomplete)])
     info = typer.Option(*decls, help=meta.help, rich_help_panel=meta.panel, min=meta.min, autocompletion=complete)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[typ, info])
 

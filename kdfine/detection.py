@@ -1,4 +1,5 @@
-"""``detect-noise``: FINE (or the small-loss detector) on a feature dump, and the CSVs it writes.
+"""``detect-noise``: FINE, small-loss, auto or knn (:data:`kdfine.fine.METHODS`) on a feature dump, and
+the CSVs it writes.
 
 Kept free of torch and scikit-learn: reading a dump and detecting needs only numpy and scipy
 (the mixture fits are kdfine's own, :mod:`kdfine.mixture`), while importing torch alone would cost
@@ -13,19 +14,16 @@ from typing import Any
 import numpy as np
 
 from kdfine import features, fine, metrics
-from kdfine.errors import InputError, UsageError
+from kdfine.errors import InputError
 from kdfine.io import check_label_range, read_index, read_labels
 
 
 def detect_noise(features_path: str, *, labels: str | None = None, truth: str | None = None, zeta: float = 0.5,
                  method: str = "gmm", vectors_from: str | None = None, seed: int = 0,
                  num_classes: int | None = None) -> tuple[fine.Detection, dict[str, Any], np.ndarray, np.ndarray | None]:
-    """FINE (or the small-loss detector) on a feature dump. Returns the detection, a JSON-ready
-    report, the labels used and the true labels (when known)."""
-    if method not in fine.METHODS:
-        raise UsageError(f"--method '{method}': expected one of {', '.join(fine.METHODS)}")
-    if not 0.0 <= zeta < 1.0:
-        raise UsageError(f"--zeta {zeta}: must lie in [0, 1)")
+    """``method`` (one of :data:`kdfine.fine.METHODS`) on a feature dump. Returns the detection, a JSON-ready
+    report, the labels used and the true labels (when known). The options were validated by
+    :class:`kdfine.options.DetectOptions` (see :func:`kdfine.api.detect_noise`)."""
     dump = features.read_dump(features_path)
     n = dump.features.shape[0]
     y = dump.labels
@@ -50,17 +48,23 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     basis = None
     if vectors_from:
         basis = read_index(vectors_from, n, "--vectors-from")
-    if method == "small-loss":
+    if method in fine.NEEDS_LOGITS:
         if dump.logits is None:
-            raise InputError(f"--method small-loss needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
+            raise InputError(f"--method {method} needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
                              " (written by `kdfine eval --dump-features`)")
-        logits = np.asarray(dump.logits, dtype=np.float64)
-        if not np.isfinite(logits).all():
-            raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf")
+        logits = dump.logits  # memory-mapped: read in float64 row blocks by fine.label_log_likelihood
     else:
         logits = None
+    if method == "knn":  # the neighbour search does not notice NaN by itself
         _check_finite(dump.features, features_path)
-    det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
+    try:  # the passes over the features notice NaN and inf themselves: no pass of its own for that
+        det = fine.detect(dump.features, y, k, zeta=zeta, method=method, seed=seed, vectors_from=basis, logits=logits)
+    except fine.NonFiniteLogits:
+        raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf") from None
+    except fine.NonFiniteFeatures as e:
+        _check_finite(dump.features, features_path, e.row)
+        raise InputError(f"--features {features_path}: values too large (their squares overflow float32); "
+                         "rescale the features") from None
     report = det.summary()
     report["features"] = str(features_path)
     report["zeta"] = zeta
@@ -69,7 +73,10 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     return det, report, y, true
 
 
-def _check_finite(x: np.ndarray, path: str, chunk: int = fine.CHUNK) -> None:
+def _check_finite(x: np.ndarray, path: str, row: int | None = None, chunk: int = fine.CHUNK) -> None:
+    """Raise the InputError naming the first row with NaN or inf (``row`` when already known)."""
+    if row is not None:
+        raise InputError(f"--features {path}: row {row} contains NaN or inf; re-extract the features")
     for lo, block in fine.row_blocks(x, chunk):  # streamed: a memory map never becomes resident
         if not np.isfinite(block).all():
             row = lo + int(np.argwhere(~np.isfinite(block))[0][0])

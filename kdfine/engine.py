@@ -11,7 +11,6 @@ cosine schedule, bf16 autocast and channels_last on CUDA, DistributedDataParalle
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +22,8 @@ from torch import nn
 
 from kdfine import distributed, metrics, state
 from kdfine.data.sources import ArrayDataset
-from kdfine.errors import InputError, Interrupted, UsageError
-from kdfine.device import autocast, resolve_precision, teacher_precision, use_channels_last
+from kdfine.errors import InputError, Interrupted
+from kdfine.device import resolve_precision, teacher_precision, use_channels_last
 from kdfine.features import extract
 from kdfine.options import TrainConfig, parse_schedule
 from kdfine.progress import Reporter

@@ -42,11 +42,26 @@ from kdfine.errors import KdfineWarning
 
 CHUNK = 16384
 FLUSH_ROWS = 8192  # rows of one class summed in float32 before the partial gram joins the float64 total
-METHODS = ("gmm", "kmeans", "small-loss")
+METHODS = ("gmm", "kmeans", "small-loss", "auto", "knn")  # detect-noise/clean --method, in one place
+NEEDS_LOGITS = ("small-loss", "auto")
 
 
 class FineWarning(KdfineWarning):
     """A class that could not be split and was kept whole."""
+
+
+class NonFiniteLogits(ValueError):
+    """The logits hold NaN or inf."""
+
+
+class NonFiniteFeatures(ValueError):
+    """The features hold NaN or inf (``row``: the first such row, when the pass that noticed knows
+    it). Found by the passes themselves, at no extra cost: a non-finite entry makes its class gram
+    and its own norm non-finite."""
+
+    def __init__(self, row: int | None = None):
+        super().__init__("features contain NaN or inf" + (f" (row {row})" if row is not None else ""))
+        self.row = row
 
 
 def _is_torch(x) -> bool:
@@ -265,8 +280,12 @@ def top_eigenvector(g: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 def class_vectors(features, labels, num_classes: int, subset: np.ndarray | None = None,
                   chunk: int = CHUNK) -> np.ndarray:
-    """u_k for every class: (K, D) float64, unit norm (zero rows for classes with no samples)."""
-    return top_eigenvectors(class_grams(features, labels, num_classes, subset, chunk))
+    """u_k for every class: (K, D) float64, unit norm (zero rows for classes with no samples).
+    Raises :class:`NonFiniteFeatures` when a gram is not finite."""
+    grams = class_grams(features, labels, num_classes, subset, chunk)
+    if not np.isfinite(grams).all():
+        raise NonFiniteFeatures()
+    return top_eigenvectors(grams)
 
 
 def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
@@ -295,12 +314,16 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) 
             cuts = [m * w // threads for w in range(threads + 1)]
             pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b])
                                    for a, b in zip(cuts[:-1], cuts[1:]) if b > a])
+    bad = np.flatnonzero(np.isnan(scores))
+    if bad.size:
+        raise NonFiniteFeatures(int(bad[0]))
     return np.clip(scores, 0.0, 1.0)
 
 
 def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64; rows grouped by class, so that each
-    class is one matrix-vector product."""
+    """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64 (0 for zero rows, NaN for rows with
+    NaN or inf: their norm is not finite); rows grouped by class, so that each class is one
+    matrix-vector product."""
     dots = np.empty(x.shape[0])
     norms = np.empty(x.shape[0])
     for k, idx in _class_groups(labels):
@@ -309,6 +332,7 @@ def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarra
         norms[idx] = np.sqrt(np.einsum("nd,nd->n", xk, xk))
     with np.errstate(invalid="ignore", divide="ignore"):
         out[:] = np.where(norms > 0, np.abs(dots) / norms, 0.0)
+        out[~np.isfinite(norms)] = np.nan
 
 
 @dataclass
@@ -333,41 +357,43 @@ def split(scores: np.ndarray, labels, *, zeta: float = 0.5, method: str = "gmm",
     if method not in ("gmm", "kmeans"):
         raise ValueError(f"method must be gmm or kmeans, got {method!r}")
     p_clean = np.ones_like(scores)
-    report = []
     k = int(num_classes if num_classes is not None else (labels.max(initial=-1) + 1))
     by_class = np.argsort(labels, kind="stable")  # each class's indices, ascending, in one sort
     ends = np.cumsum(np.bincount(labels, minlength=k)[:k]) if labels.size else np.zeros(k, np.int64)
-    with thread_limit(1):
-        for c in range(k):
-            idx = by_class[(ends[c - 1] if c else 0):ends[c]]
-            if idx.size == 0:
-                continue
-            _split_class(c, idx, scores, p_clean, report, zeta, method, seed)
-    return p_clean > zeta, p_clean, report
+    groups = [(c, by_class[(ends[c - 1] if c else 0):ends[c]]) for c in range(k)]
+    groups = [(c, idx) for c, idx in groups if idx.size]
+    report: dict[int, ClassSplit] = {}
+    threads = min(cpu_threads(), max(len(groups), 1))
+    # the classes' fits are independent: each thread takes every threads-th class (numpy's
+    # vector operations release the GIL); results are gathered by class, so the order is fixed
+    with _Workers(threads) as pool:
+        pool.run(_split_classes, [(groups[w::threads], scores, p_clean, report, zeta, method, seed)
+                                  for w in range(threads)])
+    out = [report[c] for c, _ in groups]
+    for r in out:
+        if r.note:
+            warnings.warn(f"class {r.label}: {r.note}; kept whole", FineWarning, stacklevel=2)
+    return p_clean > zeta, p_clean, out
 
 
-def _split_class(c: int, idx: np.ndarray, scores: np.ndarray, p_clean: np.ndarray, report: list,
-                 zeta: float, method: str, seed: int) -> None:
-    """Fill ``p_clean[idx]`` for class ``c`` and append its :class:`ClassSplit` to ``report``."""
-    s = scores[idx]
-    note = ""
-    if idx.size < 2:
-        note = "fewer than 2 samples"
-    elif np.ptp(s) <= 1e-12:
-        note = "all scores equal"
-    if note:
-        warnings.warn(f"class {c}: {note}; kept whole", FineWarning, stacklevel=4)
-        p = np.ones(idx.size)
-    else:
-        p = _two_component(s, method, seed)
+def _split_classes(groups, scores: np.ndarray, p_clean: np.ndarray, report: dict, zeta: float, method: str,
+                   seed: int) -> None:
+    """Fill ``p_clean[idx]`` and ``report[c]`` (a :class:`ClassSplit`) for each ``(c, idx)`` of ``groups``."""
+    for c, idx in groups:
+        s = scores[idx]
+        note = ""
+        if idx.size < 2:
+            note = "fewer than 2 samples"
+        elif np.ptp(s) <= 1e-12:
+            note = "all scores equal"
+        p = None if note else _two_component(s, method, seed)
         if p is None:
-            note = "scores do not separate"
-            warnings.warn(f"class {c}: {note}; kept whole", FineWarning, stacklevel=4)
+            note = note or "scores do not separate"
             p = np.ones(idx.size)
-    p_clean[idx] = p
-    kept = p > zeta
-    report.append(ClassSplit(c, int(idx.size), int(kept.sum()),
-                             float(s[kept].min()) if kept.any() else float("nan"), note))
+        p_clean[idx] = p
+        kept = p > zeta
+        report[c] = ClassSplit(c, int(idx.size), int(kept.sum()), float(s[kept].min()) if kept.any() else float("nan"),
+                               note)
 
 
 def _two_component(s: np.ndarray, method: str, seed: int) -> np.ndarray | None:
@@ -396,10 +422,9 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
     Returns ``keep`` (N,) bool, ``p_clean`` (N,) and ``scores`` = p(label | x) (higher = cleaner).
     """
     from kdfine import mixture
-    from kdfine.metrics import log_softmax
 
     labels = _labels(labels)
-    lp = log_softmax(np.asarray(logits, dtype=np.float64))[np.arange(labels.size), labels]
+    lp = label_log_likelihood(logits, labels)
     loss = -lp
     span = loss.max() - loss.min()
     if span <= 1e-12:
@@ -412,10 +437,26 @@ def small_loss_split(logits: np.ndarray, labels, *, zeta: float = 0.5, seed: int
     return p > zeta, p, np.exp(lp)
 
 
+def label_log_likelihood(logits, labels: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """log p(label_i | x_i) under ``logits`` (N, K), (N,) float64; computed in float64 row blocks, so a
+    memory-mapped float32 (N, K) stays on disk (1M x 100 would be 800 MB as one float64 array).
+    Raises ValueError when a logit is NaN or inf."""
+    from kdfine.metrics import log_softmax
+
+    out = np.empty(labels.size)
+    for lo in range(0, labels.size, chunk):
+        z = np.asarray(logits[lo:lo + chunk], dtype=np.float64)
+        if not np.isfinite(z).all():
+            raise NonFiniteLogits("logits contain NaN or inf")
+        out[lo:lo + z.shape[0]] = log_softmax(z)[np.arange(z.shape[0]), labels[lo:lo + z.shape[0]]]
+    return out
+
+
 @dataclass
 class Detection:
     """The result of :func:`detect`: indices kept as clean (sorted), per-sample scores and
-    P(clean), the class vectors (K, D) and the per-class report."""
+    P(clean), the class vectors (K, D) and the per-class report; ``detail`` holds what the
+    method chose (auto: the signals' weights and separations; knn: k and the reference size)."""
 
     clean_index: np.ndarray
     scores: np.ndarray
@@ -423,6 +464,7 @@ class Detection:
     vectors: np.ndarray | None
     classes: list[ClassSplit] = field(default_factory=list)
     method: str = "gmm"
+    detail: dict[str, Any] = field(default_factory=dict)
 
     @property
     def keep(self) -> np.ndarray:
@@ -432,10 +474,13 @@ class Detection:
 
     def summary(self) -> dict[str, Any]:
         n = int(self.scores.shape[0])
-        return {"method": self.method, "n": n, "kept": int(self.clean_index.size),
-                "kept_fraction": self.clean_index.size / n if n else 0.0,
-                "estimated_noise_rate": 1.0 - self.clean_index.size / n if n else 0.0,
-                "classes": [c.__dict__ for c in self.classes]}
+        out = {"method": self.method, "n": n, "kept": int(self.clean_index.size),
+               "kept_fraction": self.clean_index.size / n if n else 0.0,
+               "estimated_noise_rate": 1.0 - self.clean_index.size / n if n else 0.0,
+               "classes": [c.__dict__ for c in self.classes]}
+        if self.detail:
+            out[self.method] = self.detail
+        return out
 
 
 def detect(features, labels, num_classes: int | None = None, *, zeta: float = 0.5, method: str = "gmm",
@@ -444,27 +489,53 @@ def detect(features, labels, num_classes: int | None = None, *, zeta: float = 0.
     """FINE end to end: class vectors (from ``vectors_from``, a mask or index array of samples
     believed clean, else from all samples), alignment scores, per-class split.
 
-    features: (N, D) array, memmap or tensor; labels: (N,) ints in [0, K). With
-    ``method="small-loss"``, ``logits`` (N, K) are used instead of the features.
+    features: (N, D) array, memmap or tensor; labels: (N,) ints in [0, K). ``method`` is one of
+    :data:`METHODS`: ``small-loss`` uses the ``logits`` (N, K) instead of the features, ``auto``
+    both (:mod:`kdfine.combined`), ``knn`` the features' nearest neighbours (:mod:`kdfine.knn`).
     """
     labels = _labels(labels)
     k = int(num_classes if num_classes is not None else labels.max(initial=-1) + 1)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in NEEDS_LOGITS and logits is None:
+        raise ValueError(f"method {method} needs logits")
+    if method == "knn":
+        from kdfine import knn
+
+        keep, scores = knn.knn_split(features, labels, seed=seed)
+        detail = {"k": knn.K, "reference": int(min(labels.size, knn.REFERENCE))}
+        return Detection(np.flatnonzero(keep), scores, scores.copy(), None, _report(keep, scores, labels, k),
+                         method, detail)
     if method == "small-loss":
-        if logits is None:
-            raise ValueError("method small-loss needs logits")
         keep, p, scores = small_loss_split(logits, labels, zeta=zeta, seed=seed)
-        report = []
-        for c in range(k):
-            m = labels == c
-            if m.any():
-                kept = keep & m
-                report.append(ClassSplit(c, int(m.sum()), int(kept.sum()),
-                                         float(scores[kept].min()) if kept.any() else float("nan")))
-        return Detection(np.flatnonzero(keep), scores, p, None, report, method)
+        return Detection(np.flatnonzero(keep), scores, p, None, _report(keep, scores, labels, k), method)
     vectors = class_vectors(features, labels, k, vectors_from, chunk)
     scores = alignment_scores(features, labels, vectors, chunk)
-    keep, p, report = split(scores, labels, zeta=zeta, method=method, seed=seed, num_classes=k)
+    keep, p, report = split(scores, labels, zeta=zeta, method="gmm" if method == "auto" else method,
+                            seed=seed, num_classes=k)
+    if method == "auto":
+        from kdfine import combined
+
+        _, loss_p, likelihood = small_loss_split(logits, labels, zeta=zeta, seed=seed)
+        loss = -np.log(np.maximum(likelihood, np.finfo(np.float64).tiny))
+        c = combined.combine(scores, p, loss, loss_p, labels, k, zeta=zeta)
+        report = _report(c.keep, c.score, labels, k, note=c.short())
+        detail = {"weights": c.weights, "separation": c.separation, "em_iterations": c.iterations,
+                  "description": c.describe()}
+        return Detection(np.flatnonzero(c.keep), c.score, c.p_clean, vectors, report, method, detail)
     return Detection(np.flatnonzero(keep), scores, p, vectors, report, method)
+
+
+def _report(keep: np.ndarray, scores: np.ndarray, labels: np.ndarray, k: int, note: str = "") -> list[ClassSplit]:
+    """One :class:`ClassSplit` per class present, from a keep mask and scores (N,)."""
+    out = []
+    for c in range(k):
+        m = labels == c
+        if m.any():
+            kept = keep & m
+            out.append(ClassSplit(c, int(m.sum()), int(kept.sum()),
+                                  float(scores[kept].min()) if kept.any() else float("nan"), note))
+    return out
 
 
 def _labels(labels) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from kdfine.device import CHANNELS_LAST, PRECISIONS  # torch-free at import
@@ -231,8 +231,9 @@ class DetectOptions:
     """How detect-noise and clean split clean from noisy samples."""
 
     zeta: float = opt(0.5, "--zeta", "Keep samples with P(clean) above this.", panel=P_DETECT)
-    method: str = opt("gmm", "--method", "gmm (FINE), kmeans (FINE with 2-means) or small-loss (GMM on "
-                      "cross-entropy, from the logits).", panel=P_DETECT, choices=_methods)
+    method: str = opt("gmm", "--method", "gmm (FINE), kmeans (FINE with 2-means), small-loss (GMM on "
+                      "cross-entropy, from the logits sidecar), auto (FINE and the loss together) or knn "
+                      "(neighbours' labels, no training).", panel=P_DETECT, choices=_methods)
     seed: int = opt(0, "--seed", "Seed of the mixture fit (GMM or 2-means).", panel=P_DETECT)
 
     def validate(self) -> "DetectOptions":

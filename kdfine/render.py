@@ -79,8 +79,8 @@ def pct(v: Any) -> str:
 
 
 def _metrics_text(m: dict[str, Any]) -> str:
-    names = [("test_top1", "test top-1", _pct), ("test_top5", "top-5", _pct), ("test_nll", "NLL", None),
-             ("test_ece", "ECE", _pct), ("train_acc", "train acc", _pct), ("img_per_s", "img/s", None)]
+    names = [("test_top1", "test top-1", pct), ("test_top5", "top-5", pct), ("test_nll", "NLL", None),
+             ("test_ece", "ECE", pct), ("train_acc", "train acc", pct), ("img_per_s", "img/s", None)]
     parts = []
     for key, label, fmt in names:
         v = (m or {}).get(key)

@@ -124,6 +124,32 @@ def test_other_methods(method, noisy_dump, tmp_path):
         assert {float(row["p_clean"]) for row in rows} == {1.0}
 
 
+def test_auto_and_knn_name_what_they_chose(noisy_dump, tmp_path):
+    """auto reports its weights in the JSON and in each class's note on stderr; knn its k and
+    reference set; both find the wrong labels of the digits dump."""
+    docs = {}
+    for method in ("auto", "knn", "small-loss"):
+        r = run_cli("detect-noise", "-f", noisy_dump, "--method", method, "--out", tmp_path / f"{method}.csv", "--json")
+        assert r.returncode == 0, r.stderr
+        docs[method] = read_json(r.stdout)
+        assert docs[method]["method"] == method
+    auto = docs["auto"]["auto"]
+    assert set(auto["weights"]) == {"fine", "loss"} and sum(auto["weights"].values()) == pytest.approx(1.0)
+    assert docs["auto"]["truth"]["auroc"] > 0.9 and docs["auto"]["truth"]["f1"] > 0.85
+    assert docs["knn"]["knn"]["k"] == 10 and docs["knn"]["truth"]["f1"] > 0.85
+    r = run_cli("detect-noise", "-f", noisy_dump, "--method", "auto", "--out", tmp_path / "a2.csv")
+    assert r.returncode == 0 and "auto: FINE" in r.stderr and "loss" in r.stderr
+    assert (tmp_path / "a2.csv").read_text() == (tmp_path / "auto.csv").read_text()  # deterministic
+
+
+def test_auto_without_logits_fails_cleanly(noisy_dump, tmp_path):
+    bare = tmp_path / "bare.npy"
+    np.save(bare, np.load(noisy_dump))
+    np.save(tmp_path / "bare.labels.npy", sidecars(noisy_dump)[0])
+    r = run_cli("detect-noise", "-f", bare, "--method", "auto", "--out", tmp_path / "c.csv")
+    assert r.returncode == 3 and "logits sidecar" in r.stderr and not (tmp_path / "c.csv").exists()
+
+
 def test_bad_labels_fail_cleanly(noisy_dump, tmp_path):
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
     out = tmp_path / "c.csv"

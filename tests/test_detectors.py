@@ -1,0 +1,86 @@
+"""The auto and knn detectors (kdfine.combined, kdfine.knn) as library functions, on small arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture
+from sklearn.neighbors import NearestNeighbors
+
+from kdfine import combined, fine, knn, metrics
+
+
+def clusters(seed: int, k: int = 4, per_class: int = 150, d: int = 16, noise: float = 0.3):
+    """Features of k well-separated non-negative clusters, a fraction of labels moved to another class."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(k), per_class)
+    centres = np.abs(rng.standard_normal((k, d))) * 3
+    x = np.maximum(centres[truth] + rng.standard_normal((truth.size, d)), 0).astype(np.float32)
+    labels = truth.copy()
+    flip = rng.random(truth.size) < noise
+    labels[flip] = (truth[flip] + rng.integers(1, k, flip.sum())) % k
+    return x, labels, truth
+
+
+def test_knn_neighbours_equal_scikit_learn_brute_force():
+    x, labels, _ = clusters(0)
+    got = np.concatenate([nb for _, nb in knn.neighbour_labels(x, labels, k=5, block=97)])
+    nn = NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(x)
+    _, idx = nn.kneighbors(x)
+    want = labels[idx[:, 1:]]  # the first neighbour is the row itself
+    assert (got == want).mean() > 0.99  # equal up to ties in the similarities
+
+
+def test_knn_finds_the_wrong_labels_and_scores_the_agreement():
+    x, labels, truth = clusters(1)
+    keep, score = knn.knn_split(x, labels)
+    q = metrics.detection(keep, labels == truth, score)
+    assert q["f1"] > 0.95 and q["auroc"] > 0.95
+    assert set(np.unique(score)) <= {i / knn.K for i in range(knn.K + 1)}
+
+
+def test_knn_reference_subset_is_seeded_and_bounded():
+    x, labels, _ = clusters(2, per_class=300)
+    a = knn.knn_split(x, labels, reference=200, seed=3)
+    b = knn.knn_split(x, labels, reference=200, seed=3)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert knn.reference_rows(1200, 200, 3).size == 200
+
+
+def test_two_gaussians_matches_scikit_learn_on_a_clear_mixture():
+    rng = np.random.default_rng(4)
+    x = np.r_[rng.normal([0, 0], 0.3, (400, 2)), rng.normal([2, 1.5], 0.5, (200, 2))]
+    r0 = np.r_[np.zeros(400), np.ones(200)] * 0.8 + 0.1
+    r, (means, covs), _ = combined.two_gaussians(x, r0, tol=1e-10, reg=1e-6)
+    g = GaussianMixture(2, covariance_type="full", tol=1e-10, reg_covar=1e-6, random_state=0,
+                        means_init=means).fit(x)
+    np.testing.assert_allclose(g.means_, means, atol=1e-6)
+    np.testing.assert_allclose(g.predict_proba(x)[:, 1], r, atol=1e-4)  # one EM step apart at most
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_weighs_the_signal_that_separates(seed):
+    """A useless loss signal (pure noise) gets the smaller weight and auto stays close to FINE."""
+    x, labels, truth = clusters(seed)
+    det = fine.detect(x, labels, 4)
+    rng = np.random.default_rng(seed)
+    loss = rng.random(labels.size)
+    c = combined.combine(det.scores, det.p_clean, loss, np.full(labels.size, 0.5), labels, 4)
+    assert c.weights["fine"] > 0.8 and c.weights["fine"] + c.weights["loss"] == pytest.approx(1.0)
+    clean = labels == truth
+    assert metrics.detection(c.keep, clean, c.score)["auroc"] > metrics.detection(det.keep, clean, det.scores)["auroc"] - 0.03
+
+
+def test_auto_through_detect_uses_both_signals():
+    x, labels, truth = clusters(5)
+    logits = np.where(np.arange(4)[None, :] == truth[:, None], 2.0, 0.0) + np.random.default_rng(5).normal(0, 1, (labels.size, 4))
+    det = fine.detect(x, labels, 4, method="auto", logits=logits)
+    assert det.method == "auto" and set(det.detail["weights"]) == {"fine", "loss"}
+    assert all(c.note.startswith("auto: FINE") for c in det.classes)
+    assert metrics.detection(det.keep, labels == truth, det.scores)["f1"] > 0.9
+    with pytest.raises(ValueError, match="needs logits"):
+        fine.detect(x, labels, 4, method="auto")
+
+
+def test_ranks_are_mean_ranks_of_ties():
+    assert combined.ranks01(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [0.875, 0.25, 0.875, 0.5]

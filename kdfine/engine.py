@@ -448,6 +448,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                         save_state, state_file, model, optimizer, current if fine_on or selection is not None else None,
                         {"epoch": epoch + 1, "history": history, "config": run_config, "train_config": asdict(cfg)})
     finally:
+        net = None  # DDP's reducer holds the process group; a traceback keeping this frame must not keep it
         reporter.close()
         if log is not None:
             try:

@@ -149,8 +149,11 @@ def command(fn: Callable) -> Callable:
         stdout, restore_sigterm = sys.stdout, sigterm_as_interrupt()
         if _state["rank"]:
             sys.stdout = open(os.devnull, "w")  # results are rank 0's to print
+        ok = False  # teardown waits for the peers only after a success
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            ok = True
+            return result
         except KdfineError as e:
             _fail(str(e), e.exit_code, e)
         except KeyboardInterrupt as e:
@@ -171,7 +174,7 @@ def command(fn: Callable) -> Callable:
                 sys.stdout = stdout
             restore_sigterm()
             if "kdfine.distributed" in sys.modules:  # never imported (detect-noise, info): nothing to tear down
-                sys.modules["kdfine.distributed"].teardown()
+                sys.modules["kdfine.distributed"].teardown(clean=ok)
 
     return wrapper
 

@@ -11,6 +11,7 @@ the same error instead of leaving the others waiting in a collective.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -60,18 +61,57 @@ def setup(device_option: str = "auto") -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # DistributedDataParallel imports torch._dynamo on first use; imported after the group exists,
+        # it keeps a reference to the group's backend that destroy_process_group never drops, so
+        # gloo's worker threads would outlive teardown into interpreter exit (see teardown).
+        import torch._dynamo  # noqa: F401
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     _ctx = Context(rank, world, local, device)
     return _ctx
 
 
-def teardown() -> None:
-    """Leave the process group (if joined) and forget the context."""
+def teardown(clean: bool = True) -> None:
+    """Leave the process group (if joined) and forget the context.
+
+    The order matters: a backend that outlives ``destroy_process_group`` keeps its worker threads
+    into interpreter exit, where a thread that releases the last reference to a tensor needs the
+    GIL, is ended by Python, and the C++ runtime aborts ("terminate called without an active
+    exception", SIGABRT) after the command has succeeded. So: after a success (``clean``), a
+    barrier lets every rank's last collective finish on both sides; then the garbage (a DDP
+    wrapper kept by a cycle or a traceback holds the group through its reducer) is collected, and
+    only then is the group destroyed, which joins gloo's threads while Python is fully alive.
+    After a failure no barrier: a peer may be gone or inside another collective.
+    """
     global _ctx
     if dist.is_available() and dist.is_initialized():
+        if clean and _ctx.distributed:
+            try:
+                if _ctx.device.type == "cuda":
+                    dist.barrier(device_ids=[_ctx.device.index])
+                else:
+                    dist.barrier()
+            except Exception:  # noqa: BLE001 - a peer that failed reports its own error
+                pass
+        gc.collect()
+        if _ctx.device.type == "cuda":
+            torch.cuda.synchronize(_ctx.device)  # NCCL: no kernel of ours in flight when communicators go
         dist.destroy_process_group()
     _ctx = Context()
+
+
+def backend_threads() -> list[str]:
+    """Names of this process's threads that belong to a c10d backend (gloo's ``pt_gloo_runloop``
+    and ``gloo_tcp_loop``; NCCL's watchdog); empty after a clean :func:`teardown`. Linux only
+    (``/proc``); elsewhere always empty."""
+    names = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(("pt_gloo", "gloo_", "pt_nccl")))
 
 
 def check_split(batch_size: int, samples: int) -> None:

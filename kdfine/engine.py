@@ -134,6 +134,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
                 rec.update(_train_epoch(run, epoch, stop))
                 last_test = _finish_epoch(run, epoch, rec, history)
     finally:
+        run.strategy.close()
         reporter.close()
         _close_log(run.log)
     final = last_test or (_evaluate(run) if test is not None else {})

@@ -82,6 +82,11 @@ class Strategy:
         """The training indices that the result reports (None: the whole training set)."""
         return None
 
+    def close(self) -> None:
+        """Drop the training wrappers when the loop ends, however it ends: a DDP wrapper holds the
+        process group through its reducer, and a traceback that keeps this strategy alive must not
+        keep the group from being destroyed (torchrun's exit). The networks themselves stay."""
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv and linear weights only (not on BatchNorm parameters or biases)."""
@@ -178,6 +183,9 @@ class SelectStrategy(Strategy):
 
     def selection(self) -> np.ndarray | None:
         return self.current if self.fine_on or self.setup.selection is not None else None
+
+    def close(self) -> None:
+        self.net = None
 
 
 def fine_select(s: TrainSetup, universe: np.ndarray, current: np.ndarray,

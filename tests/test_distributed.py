@@ -179,3 +179,40 @@ def test_batch_that_cannot_be_split_is_a_usage_error():
         distributed.check_split(32, 4)
     finally:
         distributed._ctx = ctx
+
+
+# Runs kdfine's CLI inside each torchrun process and reports, per rank, the exit code and the c10d
+# backend threads left after its teardown.
+_TEARDOWN_PROBE = """
+import runpy, sys
+from kdfine import distributed
+from kdfine.launch import launch_rank
+
+def run(*args):
+    sys.argv = ["kdfine", *args]
+    try:
+        runpy.run_module("kdfine", run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    print(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}",
+          file=sys.stderr, flush=True)
+
+train = ["train-teacher", "--arch", "mlp", "--epochs", "1", "--device", "cpu", "-q", "--out"]
+run(*train, sys.argv[1])
+"""
+
+
+def test_teardown_leaves_no_backend_thread_for_interpreter_exit(tmp_path):
+    """The cause of the random SIGABRT at exit: gloo's threads outliving destroy_process_group
+    (DDP's reducer or its late import of torch._dynamo kept the backend alive) into interpreter
+    finalisation. After teardown none may be left."""
+    script = tmp_path / "probe.py"
+    script.write_text(_TEARDOWN_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           tmp_path / "ok.safetensors"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=cli_env(ENV), timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    probes = sorted(ln.split(" ", 1)[1] for ln in r.stderr.splitlines() if ln.startswith("probe "))
+    assert probes == ["rank=0 code=0 threads=[]", "rank=1 code=0 threads=[]"], r.stderr
+    assert (tmp_path / "ok.safetensors").exists()

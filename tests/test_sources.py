@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,9 +51,9 @@ def test_imagefolder_train_test_tree(tmp_path):
 def test_imagefolder_cache_is_used_and_invalidated(tmp_path):
     root = write_png_tree(tmp_path / "tree", per_class=4, size=8)
     first = load_source(f"imagefolder:{root}")
-    cached = list((tmp_path.parent / "kdfine-cache").rglob("*.npz")) or list(
-        __import__("pathlib").Path(os.environ["KDFINE_CACHE"]).rglob("*.npz"))
-    assert cached, "decoded tree was not cached"
+    entry = Path(first.info["cache"])
+    assert entry.parent.parent == Path(os.environ["KDFINE_CACHE"]) and (entry / "manifest.json").is_file()
+    assert isinstance(first.train.images.base, mmap.mmap)  # read back as a memory map, not loaded
     # Overwrite one image with different pixels of the same byte size and mtime: the cache key
     # (names, sizes, mtimes) is unchanged, so the cached pixels must come back.
     f = root / "train" / "cat" / "000.png"

@@ -401,7 +401,7 @@ def _imagefolder(path: Path, image_size: int | None, test_fraction: float, resiz
         warnings.warn(f"--data imagefolder:{path}: skipped {len(skipped)} unreadable image file(s), the first "
                       f"{first}", KdfineWarning, stacklevel=3)
     for split in ("train", "test"):
-        if len(arrays[split]) == 0:
+        if len(arrays[split]) == 0 and splits[split][0]:
             raise InputError(f"--data imagefolder:{path}: the {split} split has no readable image")
     return manifest, arrays
 

@@ -73,7 +73,7 @@ def test_a_decode_killed_mid_write_leaves_nothing_trusted(tmp_path, monkeypatch)
     assert not list(store.glob("decoded/.*.tmp-*")), "the killed build's directory was not removed"
     assert len(src.train) + len(src.test) == 400 and isinstance(src.train.images.base, mmap.mmap)
     f = Path(src.train.files[-1])
-    assert np.array_equal(src.train.images[-1], cache.decode_image(f, cache.DecodeSpec(24, 3)))
+    assert np.array_equal(src.train.images[-1], cache.decode_image(f, cache.DecodeSpec(24, 3))[0])
 
 
 def test_an_unwritable_cache_costs_only_time(tmp_path, monkeypatch):
@@ -99,8 +99,9 @@ def test_draft_decodes_large_jpegs_close_to_a_full_decode(tmp_path):
     smooth = np.stack([xx * 255 // 319, yy * 255 // 239, (xx + yy) * 255 // 558], -1).astype(np.uint8)
     f = tmp_path / "big.jpg"
     Image.fromarray(smooth).save(f, quality=95)
-    fast = cache.decode_image(f, cache.DecodeSpec(32, 3, draft=True))
-    full = cache.decode_image(f, cache.DecodeSpec(32, 3, draft=False))
+    fast, colour, size = cache.decode_image(f, cache.DecodeSpec(32, 3, draft=True))
+    full = cache.decode_image(f, cache.DecodeSpec(32, 3, draft=False))[0]
+    assert colour and size == (320, 240)
     assert fast.shape == full.shape == (32, 32, 3)
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
     # the centre crop of a 4:3 image: the red ramp covers the middle 3/4 of the width only

@@ -58,13 +58,13 @@ def decode_workers() -> int:
     return max(1, min(8, cores))
 
 
-def tree_key(entries: Iterable[tuple[str, Path]], params: dict[str, Any]) -> str:
+def tree_key(entries: Iterable[tuple[str, str | Path]], params: dict[str, Any]) -> str:
     """Cache key of a file list: every ``(name, path)``'s name, byte size and mtime, plus
     ``params`` (image size, resize mode, ...). Any added, removed, renamed or touched file, or
     another decode parameter, gives another key."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, params], sort_keys=True).encode())
     for name, path in entries:
-        st = path.stat()
+        st = os.stat(path)
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
@@ -91,7 +91,7 @@ def _orientation(im) -> int:
         return 1
 
 
-def probe(path: Path) -> tuple[bool, int, int]:
+def probe(path: str | Path) -> tuple[bool, int, int]:
     """Header only: ``(is colour, width, height)`` of the upright image (EXIF orientation
     applied). Raises on files PIL cannot identify."""
     from PIL import Image
@@ -118,88 +118,129 @@ def _eight_bit(im, channels: int):
     return im.convert("RGB" if channels == 3 else "L")
 
 
-def decode_image(path: Path, spec: DecodeSpec) -> np.ndarray:
-    """One file -> (size, size, channels) uint8, upright, resized as ``spec`` says."""
+def decode_image(path: str | Path, spec: DecodeSpec) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """One file -> ``(pixels, is colour, (width, height))``: pixels (size, size, channels) uint8,
+    upright and resized as ``spec`` says; the size is the upright original's."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         w, h = im.size
+        colour = im.mode not in GREY_MODES
+        orientation = _orientation(im)
         s = spec.size
         if spec.draft and im.format == "JPEG" and min(w, h) > s:
             short = min(w, h)
             want = (s, s) if spec.resize == "squash" else (math.ceil(w * s / short), math.ceil(h * s / short))
             im.draft(im.mode, want)
-        im = _eight_bit(ImageOps.exif_transpose(im), spec.channels)
-    w, h = im.size
-    if (w, h) != (s, s):
+        if orientation > 1:
+            im = ImageOps.exif_transpose(im)
+            w, h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        im = _eight_bit(im, spec.channels)
+    if im.size != (s, s):
         box = None
         if spec.resize == "crop":
-            short = min(w, h)
-            box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2)
+            cw, ch = im.size
+            short = min(cw, ch)
+            box = ((cw - short) / 2, (ch - short) / 2, (cw + short) / 2, (ch + short) / 2)
         im = im.resize((s, s), Image.BILINEAR, box=box)
     a = np.asarray(im, dtype=np.uint8)
-    return a[..., None] if a.ndim == 2 else a
+    return (a[..., None] if a.ndim == 2 else a), colour, (w, h)
 
 
-def _decode_chunk(files: Sequence[Path], spec: DecodeSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode ``files`` into one (n, S, S, C) block; unreadable ones are left out and returned as
-    ``(position, reason)``."""
+class SizeMismatch(Exception):
+    """An image whose (upright) size differs from the one every image must have."""
+
+    def __init__(self, path: str | Path, size: tuple[int, int], expected: tuple[int, int]):
+        super().__init__(f"{path} is {size[0]}x{size[1]}, not {expected[0]}x{expected[1]}")
+        self.path, self.size, self.expected = path, size, expected
+
+
+@dataclass
+class _Block:
+    pixels: np.ndarray  # (n ok, S, S, C)
+    errors: list[tuple[int, str]]  # (position in the chunk, reason)
+    colour: bool
+    sizes: set
+
+
+def _decode_chunk(files: Sequence[str | Path], spec: DecodeSpec, require: tuple[int, int] | None) -> _Block:
+    """Decode ``files`` into one block; unreadable ones are left out and listed."""
     out = np.empty((len(files), spec.size, spec.size, spec.channels), np.uint8)
-    errors, n = [], 0
+    block = _Block(out, [], False, set())
+    n = 0
     for i, f in enumerate(files):
         try:
-            out[n] = decode_image(f, spec)
-            n += 1
+            out[n], colour, size = decode_image(f, spec)
         except MemoryError:
             raise
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged files
-            errors.append((i, f"{type(e).__name__}: {e}"))
-    return out[:n], errors
+            block.errors.append((i, f"{type(e).__name__}: {e}"))
+            continue
+        if require is not None and size != require:
+            raise SizeMismatch(f, size, require)
+        n += 1
+        block.colour |= colour
+        block.sizes.add(size)
+    block.pixels = out[:n]
+    return block
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterable:
     """``pool.map(fn, items)`` with at most ``window`` results pending: a bounded buffer."""
     pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 @dataclass
 class Decoded:
     """The result of :func:`decode_into`: ``kept`` positions (into the file list) of the rows
-    written, ``skipped`` ``(position, reason)``, and integer per-channel sums of the pixels and
-    of their squares (for mean/std without reading the array again)."""
+    written, ``skipped`` ``(position, reason)``, per-channel sums of the pixels and of their
+    squares (exact integers in float64, for mean/std without reading the array again), whether
+    any image was colour, and the distinct upright original sizes (at most 11)."""
 
     kept: np.ndarray
     skipped: list[tuple[int, str]]
     sums: np.ndarray
     squares: np.ndarray
+    colour: bool
+    sizes: set
 
 
-def decode_into(sink: "ArraySink", files: Sequence[Path], spec: DecodeSpec, *, quiet: bool = False,
-                label: str = "decoding", workers: int | None = None) -> Decoded:
-    """Decode ``files`` in parallel into ``sink``, in file order, skipping unreadable ones."""
+def decode_into(sink: "ArraySink", files: Sequence[str | Path], spec: DecodeSpec, *, quiet: bool = False,
+                label: str = "decoding", workers: int | None = None,
+                require: tuple[int, int] | None = None) -> Decoded:
+    """Decode ``files`` in parallel into ``sink``, in file order, skipping unreadable ones.
+    ``require``: the upright size every image must have (else :class:`SizeMismatch`)."""
     workers = workers or decode_workers()
     chunks = [list(range(lo, min(lo + CHUNK, len(files)))) for lo in range(0, len(files), CHUNK)]
-    kept, skipped = [], []
-    sums = np.zeros(spec.channels, np.uint64)
-    squares = np.zeros(spec.channels, np.uint64)
+    out = Decoded(np.zeros(0, np.int64), [], np.zeros(spec.channels), np.zeros(spec.channels), False, set())
+    kept: list[int] = []
     with _progress(len(files), label, quiet) as advance, ThreadPoolExecutor(workers) as pool:
-        work = lambda rows: (rows, _decode_chunk([files[i] for i in rows], spec))
-        for rows, (block, errors) in _ordered(pool, work, chunks, 2 * workers):
-            bad = {rows[i] for i, _ in errors}
+        work = lambda rows: (rows, _decode_chunk([files[i] for i in rows], spec, require))
+        for rows, block in _ordered(pool, work, chunks, 2 * workers):
+            bad = {rows[i] for i, _ in block.errors}
             kept += [r for r in rows if r not in bad]
-            skipped += [(rows[i], why) for i, why in errors]
-            sink.append(block)
-            flat = block.reshape(-1, spec.channels)
-            sums += flat.sum(0, dtype=np.uint64)
-            squares += (flat.astype(np.uint16) ** 2).sum(0, dtype=np.uint64)
+            out.skipped += [(rows[i], why) for i, why in block.errors]
+            sink.append(block.pixels)
+            flat = block.pixels.reshape(-1, spec.channels).astype(np.float64)
+            out.sums += np.ones(len(flat)) @ flat  # exact: integer sums far below 2**53
+            out.squares += np.einsum("ij,ij->j", flat, flat)
+            out.colour |= block.colour
+            for size in block.sizes:
+                if len(out.sizes) < 11:
+                    out.sizes.add(size)
             advance(len(rows))
-    return Decoded(np.asarray(kept, np.int64), skipped, sums, squares)
+    out.kept = np.asarray(kept, np.int64)
+    return out
 
 
 @contextlib.contextmanager
@@ -337,6 +378,21 @@ class EntryWriter:
         s = ArraySink(row_shape, capacity, None if self.tmp is None else self.tmp / f"{name}.npy")
         self.sinks.append(s)
         return s
+
+    def grey(self, name: str, array: np.ndarray) -> np.ndarray:
+        """Keep only channel 0 of ``name``, an (N, S, S, 3) array decoded from grey images (whose
+        three channels are equal); streamed, chunk by chunk."""
+        tmp = None if self.tmp is None else self.tmp / f"{name}.grey.npy"
+        sink = ArraySink((*array.shape[1:3], 1), len(array), tmp)
+        self.sinks.append(sink)
+        for lo in range(0, len(array), 1024):
+            sink.append(array[lo:lo + 1024, ..., :1])
+            release_pages(array)
+        out = sink.finish()
+        if tmp is not None:
+            os.replace(tmp, self.tmp / f"{name}.npy")  # the new map keeps reading the renamed file
+        self.arrays[name] = out
+        return out
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Record a finished array (from a sink, or a small one such as labels) under ``name``."""

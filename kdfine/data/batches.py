@@ -295,11 +295,18 @@ def train_batches(images: np.ndarray, labels: np.ndarray, mean, std, *, stream: 
 def eval_batches(images: np.ndarray | torch.Tensor, mean, std, *, batch_size: int, device: torch.device,
                  channels_last: bool = False) -> Iterator[torch.Tensor]:
     """Normalised batches of ``images`` in order, no augmentation. ``images`` is uint8 NHWC numpy
-    (moved to the device batch by batch) or an NCHW uint8 tensor already there."""
+    or a memory map of the cache (moved to the device batch by batch; pages read are released
+    every ``StreamBatches.RELEASE_BYTES``, safe since they are re-read on use) or an NCHW uint8
+    tensor already there."""
     norm = Normalizer(mean, std, device, channels_last)
     n = images.shape[0]
+    since = 0
     for lo in range(0, n, batch_size):
         chunk = images[lo:lo + batch_size]
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).to(device, non_blocking=True)
+            since += chunk.numel()
+            if since >= StreamBatches.RELEASE_BYTES:  # a memory-mapped cache: bound the resident set
+                release_pages(images)
+                since = 0
         yield norm(chunk)

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kdfine.data.cache import release_pages
+from kdfine.data.cache import advise_random, release_pages
 from kdfine.errors import UsageError
 
 PAD = 4  # pad-crop padding in pixels, as in the standard CIFAR recipe
@@ -192,15 +192,16 @@ class StreamBatches(TrainBatches):
     augmentation, but each batch is gathered from ``images`` (a memory map of the decode cache)
     by a background thread, ``prefetch`` batches ahead, into pinned memory (CUDA) and copied
     without blocking. The resident set stays bounded: pages read are dropped from this process
-    every ``RELEASE_BYTES`` (the page cache keeps them)."""
+    every ``RELEASE_BYTES`` read (the page cache keeps them)."""
 
-    RELEASE_BYTES = 256 << 20
+    RELEASE_BYTES = 32 << 20
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, *, prefetch: int = 4, **kw):
         self.prefetch = max(1, prefetch)
         super().__init__(images, labels, mean, std, **kw)
 
     def _hold(self, images: np.ndarray):
+        advise_random(images)
         return images
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

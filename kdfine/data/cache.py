@@ -318,12 +318,22 @@ def open_array(path: Path) -> np.ndarray:
 def release_pages(array: np.ndarray) -> None:
     """Drop the pages of ``array``'s memory map (if it has one) from this process's resident set;
     the kernel's page cache keeps them, so the next read is still fast."""
+    _advise(array, "MADV_DONTNEED")
+
+
+def advise_random(array: np.ndarray) -> None:
+    """Tell the kernel that ``array``'s memory map is read in random rows: no read-ahead and no
+    mapping of neighbouring pages on a fault, which would swell the resident set of a streamed epoch."""
+    _advise(array, "MADV_RANDOM")
+
+
+def _advise(array: np.ndarray, advice: str) -> None:
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+    if isinstance(base, mmap.mmap) and hasattr(mmap, advice):
         with contextlib.suppress(OSError, ValueError):
-            base.madvise(mmap.MADV_DONTNEED)
+            base.madvise(getattr(mmap, advice))
 
 
 # --------------------------------------------------------------------------------------- entries

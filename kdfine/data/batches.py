@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kdfine.data.cache import advise_random, release_pages
+from kdfine.data.cache import advise_random, file_rows, release_pages
 from kdfine.errors import UsageError
 
 PAD = 4  # pad-crop padding in pixels, as in the standard CIFAR recipe
@@ -230,20 +230,31 @@ class StreamBatches(TrainBatches):
 
     def _gather(self, steps, q: queue.Queue, stop: threading.Event) -> None:
         pin = self.device.type == "cuda"
+        where = file_rows(self.images)
+        fd = os.open(where[0], os.O_RDONLY) if where else None
+        row = int(np.prod(self.images.shape[1:]))
         since = 0
         try:
             for _, idx in steps:
                 if stop.is_set():
                     return
                 out = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-                np.take(self.images, idx, axis=0, out=out.numpy(), mode="clip")
-                since += out.numel()
-                if since >= self.RELEASE_BYTES:
-                    release_pages(self.images)
-                    since = 0
+                if fd is not None:  # positional reads: the page cache serves them, nothing is mapped
+                    flat = out.numpy().reshape(len(idx), row)
+                    for k, i in enumerate(idx.tolist()):
+                        os.preadv(fd, [flat[k]], where[1] + i * row)
+                else:
+                    np.take(self.images, idx, axis=0, out=out.numpy(), mode="clip")
+                    since += out.numel()
+                    if since >= self.RELEASE_BYTES:
+                        release_pages(self.images)
+                        since = 0
                 q.put(out)
         except BaseException as e:  # handed to the training loop, which raises it
             q.put(e)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 def memory_budget(device: torch.device) -> int:

@@ -302,17 +302,30 @@ class ArraySink:
 
 
 def open_array(path: Path) -> np.ndarray:
-    """A ``.npy`` file as an array over a copy-on-write memory map (writable, never written back;
+    """A ``.npy`` file as a copy-on-write :class:`numpy.memmap` (writable, never written back;
     nothing is read until touched)."""
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(f)
         offset = f.tell()
-        if fortran or int(np.prod(shape)) == 0:
-            return np.load(path, allow_pickle=False)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    return np.ndarray(shape, dtype, buffer=mm, offset=offset)
+    if fortran or int(np.prod(shape)) == 0:
+        return np.load(path, allow_pickle=False)
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
+
+
+def file_rows(array: np.ndarray) -> tuple[str, int] | None:
+    """``(file, byte offset of row 0)`` when ``array`` is C-contiguous rows of a memory-mapped
+    file, so rows can be read with ``os.preadv`` instead of through the map (whose faults map
+    whole neighbourhoods of pages into the process); else None."""
+    name = getattr(array, "filename", None)
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if name is None or not isinstance(base, mmap.mmap) or not array.flags.c_contiguous:
+        return None
+    start = np.frombuffer(base, np.uint8).ctypes.data
+    return name, array.ctypes.data - start + (getattr(array, "offset", 0) // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
 
 
 def release_pages(array: np.ndarray) -> None:

@@ -191,8 +191,9 @@ class StreamBatches(TrainBatches):
     """:class:`TrainBatches` for data that stays on disk: the same draws and the same on-device
     augmentation, but each batch is gathered from ``images`` (a memory map of the decode cache)
     by a background thread, ``prefetch`` batches ahead, into pinned memory (CUDA) and copied
-    without blocking. The resident set stays bounded: pages read are dropped from this process
-    every ``RELEASE_BYTES`` read (the page cache keeps them)."""
+    without blocking. The resident set stays bounded: rows of a memory-mapped file are read with
+    ``os.preadv`` (the page cache serves them, nothing is mapped into this process); any other
+    memory map is gathered through the map, releasing its pages every ``RELEASE_BYTES``."""
 
     RELEASE_BYTES = 32 << 20
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 import torch
 
-from kdfine.data.batches import PAD, TrainBatches, eval_batches
+from kdfine.data import cache
+from kdfine.data.batches import (PAD, StreamBatches, TrainBatches, eval_batches, rrc_boxes, should_stream,
+                                 train_batches)
+from kdfine.errors import UsageError
 
 
 def _images(n=37, h=6, w=5, c=3):
@@ -74,3 +80,89 @@ def test_eval_batches_keep_order_without_augmentation():
     x, _ = _images(n=10)
     out = torch.cat(list(eval_batches(x, (0, 0, 0), (1, 1, 1), batch_size=4, device=torch.device("cpu"))))
     assert torch.allclose(out, torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+
+
+def _mapped(tmp_path, images):
+    """``images`` written through the decode cache's sink and read back as its memory map."""
+    sink = cache.ArraySink(images.shape[1:], len(images), tmp_path / "x.npy")
+    for lo in range(0, len(images), 7):
+        sink.append(images[lo:lo + 7])
+    return sink.finish()
+
+
+@pytest.mark.parametrize("augment", ["none", "crop-flip", "rrc-flip"])
+def test_streamed_batches_equal_the_in_memory_ones(tmp_path, augment):
+    x, y = _images(n=45, h=9, w=9)
+    mapped = _mapped(tmp_path, x)
+    assert isinstance(mapped.base, __import__("mmap").mmap) and np.array_equal(mapped, x)
+    kw = dict(batch_size=8, device=torch.device("cpu"), augment=augment, seed=5)
+    for rank, world in ((0, 1), (1, 2)):
+        mem = TrainBatches(x, y, (0.4,) * 3, (0.3,) * 3, rank=rank, world_size=world, **kw)
+        streamed = StreamBatches(mapped, y, (0.4,) * 3, (0.3,) * 3, rank=rank, world_size=world, prefetch=2, **kw)
+        for b in (mem, streamed):
+            b.set_selection(np.arange(3, 45))
+        for epoch in (0, 3):
+            a, c = list(mem.epoch(epoch)), list(streamed.epoch(epoch))
+            assert len(a) == len(c) == 5
+            for (xa, ya, ia), (xc, yc, ic) in zip(a, c):
+                assert torch.equal(xa, xc) and torch.equal(ya, yc) and torch.equal(ia, ic)
+
+
+def test_an_abandoned_streamed_epoch_stops_its_thread(tmp_path):
+    x, y = _images(n=64)
+    b = StreamBatches(_mapped(tmp_path, x), y, (0,) * 3, (1,) * 3, batch_size=4, device=torch.device("cpu"),
+                      prefetch=2)
+    it = b.epoch(0)
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "kdfine-stream"]
+
+
+def test_rrc_boxes_follow_the_recipe_and_the_seed():
+    g = torch.Generator().manual_seed(0)
+    boxes = rrc_boxes(4000, 24, 32, g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    share = w * h / (24 * 32)
+    assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= 32 and boxes[:, 3].max() <= 24
+    assert share.min() >= 0.07 and share.max() <= 1.0 and 0.2 < share.median() < 0.7
+    # aspect 3/4 .. 4/3 up to rounding each side to whole pixels
+    assert ((w + 0.5) / (h - 0.5)).min() >= 0.75 and ((w - 0.5) / (h + 0.5)).max() <= 4 / 3
+    assert torch.equal(boxes, rrc_boxes(4000, 24, 32, torch.Generator().manual_seed(0)))
+
+
+def test_rrc_flip_resizes_each_box_bilinearly():
+    # a horizontal ramp (value 8 * column) makes every output pixel a known linear function of its box
+    n, s = 64, 16
+    x = np.broadcast_to((8 * np.arange(s, dtype=np.uint8))[None, None, :, None], (n, s, s, 1)).copy()
+    b = _batches(x, np.zeros(n, np.int64), augment="rrc-flip", batch_size=n, seed=2)
+    d = b.draws(0)
+    xb, _, _ = next(b.epoch(0))
+    boxes, flips = d.boxes.numpy(), d.flips.numpy()
+    flipped = 0
+    for k in range(n):
+        x1, _, x2, _ = boxes[k]
+        centres = x1 + (np.arange(s) + 0.5) * (x2 - x1) / s - 0.5
+        expect = 8 * np.clip(centres, 0, s - 1)
+        got = xb[k, 0].numpy() * 255
+        if flips[k]:
+            got, flipped = got[:, ::-1], flipped + 1
+        assert np.allclose(got, expect[None, :], atol=1e-3)
+    assert 15 < flipped < 49
+
+
+def test_stream_choice_follows_the_memory_budget(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KDFINE_MEMORY_BUDGET", "1M")
+    assert not should_stream((100, 32, 32, 3), "crop-flip", cpu)  # 480 KB padded
+    assert should_stream((1000, 32, 32, 3), "none", cpu)  # 3 MB
+    assert not should_stream((1000, 32, 32, 3), "none", cpu, stream=False)
+    assert should_stream((10, 8, 8, 1), "none", cpu, stream=True)
+    x, y = _images(n=400, h=32, w=32)  # 1.2 MB: over the budget
+    assert type(train_batches(x, y, (0,) * 3, (1,) * 3, batch_size=8, device=cpu)) is StreamBatches
+    monkeypatch.setenv("KDFINE_MEMORY_BUDGET", "2.5g")
+    assert type(train_batches(x, y, (0,) * 3, (1,) * 3, batch_size=8, device=cpu)) is TrainBatches
+    monkeypatch.setenv("KDFINE_MEMORY_BUDGET", "lots")
+    with pytest.raises(UsageError, match="KDFINE_MEMORY_BUDGET"):
+        should_stream((10, 8, 8, 1), "none", cpu)
+    monkeypatch.delenv("KDFINE_MEMORY_BUDGET")
+    assert not should_stream((10, 8, 8, 1), "none", cpu)  # a share of the available memory

@@ -1,4 +1,4 @@
-"""Dataset specs -> in-memory arrays.
+"""Dataset specs -> uint8 arrays (in memory, or memory-mapped from the decode cache).
 
 A source gives both splits as :class:`ArrayDataset`: uint8 images (N, H, W, C), int64 labels,
 class names, per-channel mean/std of the *training* images (in [0, 1] pixel units) and the default
@@ -8,32 +8,31 @@ augmentation. Specs (``--data``):
 - ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``, ``svhn``
                         torchvision's datasets under ``--data-root`` (``--download`` fetches them).
 - ``imagefolder:PATH``  ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``, or one ``PATH/<class>/*``
-                        tree split by ``test_fraction``; decoded once and cached.
+                        tree split by ``test_fraction``; decoded once into the cache
+                        (:mod:`kdfine.data.cache`) and memory-mapped from it.
 - ``npz:PATH``          arrays ``x`` (N,H,W[,C]) and ``y``; optional ``x_test``, ``y_test``, ``classes``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from kdfine.errors import InputError, UsageError
+from kdfine.data import cache
+from kdfine.data.cache import cache_dir
+from kdfine.errors import InputError, KdfineWarning, UsageError
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "svhn")
-AUGMENTATIONS = ("crop-flip", "crop", "flip", "none")
+AUGMENTATIONS = ("crop-flip", "crop", "flip", "rrc-flip", "none")
+RESIZE_MODES = ("crop", "squash")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-CACHE_VERSION = 2
 
-
-def cache_dir() -> Path:
-    """``$KDFINE_CACHE`` or ``~/.cache/kdfine``: decoded image folders live here."""
-    return Path(os.environ.get("KDFINE_CACHE") or Path.home() / ".cache" / "kdfine")
+__all__ = ["AUGMENTATIONS", "RESIZE_MODES", "ArrayDataset", "Source", "cache_dir", "load_source"]
 
 
 def default_data_root() -> Path:
@@ -42,7 +41,7 @@ def default_data_root() -> Path:
 
 @dataclass
 class ArrayDataset:
-    """One split of a dataset, held in memory.
+    """One split of a dataset; ``images`` is an array or a memory map of the decode cache.
 
     images: (N, H, W, C) uint8; labels: (N,) int64 (possibly noisy); classes: K names;
     mean/std: per-channel statistics of the training split in [0, 1] units; augment: default
@@ -80,9 +79,16 @@ class ArrayDataset:
 
 @dataclass
 class Source:
+    """Both splits of a dataset. ``skipped``: the unreadable image files left out, as
+    ``{"file", "reason"}`` (image folders; for ``--json``'s ``skipped``); ``info``: how an image
+    folder was decoded (``image_size``, ``channels``, ``resize``, ``source_sizes`` -- the distinct
+    original WxH, at most 10 --, ``cache``: the entry's directory or None when decoded in memory)."""
+
     train: ArrayDataset
     test: ArrayDataset
     name: str  # e.g. "cifar10", "imagefolder"
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> ArrayDataset:
         if name not in ("train", "test"):
@@ -102,29 +108,50 @@ def parse_data_spec(spec: str) -> tuple[str, str]:
 
 
 def load_source(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
-                image_size: int | None = None, test_fraction: float = 0.2,
-                augment: str | None = None) -> Source:
-    """Load both splits of ``spec`` (see the module docstring)."""
+                image_size: int | None = None, test_fraction: float = 0.2, augment: str | None = None,
+                resize: str = "crop", strict: bool = False, quiet: bool = False) -> Source:
+    """Load both splits of ``spec`` (see the module docstring).
+
+    image_size: square side to decode or resize to (default: the data's own; an image folder of
+    one non-square size becomes square at its shorter side); resize: 'crop' (shorter side to
+    ``image_size``, centre crop) or 'squash' (both sides, distorting); strict: an unreadable
+    file in an image folder is an error (exit 3) instead of a warning; quiet: no decode progress bar.
+    """
     kind, arg = parse_data_spec(spec)
     if not 0.0 < test_fraction < 1.0:
         raise UsageError(f"--test-fraction {test_fraction}: must lie strictly between 0 and 1")
     if augment is not None and augment not in AUGMENTATIONS:
         raise UsageError(f"--augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")
+    if resize not in RESIZE_MODES:
+        raise UsageError(f"--resize '{resize}': expected one of {', '.join(RESIZE_MODES)}")
+    if image_size is not None and image_size < 1:
+        raise UsageError(f"--image-size {image_size}: must be a positive number of pixels")
     ftr = fte = None
+    manifest: dict[str, Any] = {}
     if kind == "digits":
         xtr, ytr, xte, yte, classes = _digits()
     elif kind in TORCHVISION_SETS:
         xtr, ytr, xte, yte, classes = _torchvision(kind, Path(root) if root else default_data_root(), download)
     elif kind == "imagefolder":
-        xtr, ytr, xte, yte, classes, ftr, fte = _imagefolder(Path(arg).expanduser(), image_size, test_fraction)
+        manifest, a = _imagefolder(Path(arg).expanduser(), image_size, test_fraction, resize, strict, quiet)
+        xtr, ytr, xte, yte, classes = a["train"], a["train_labels"], a["test"], a["test_labels"], manifest["classes"]
+        ftr, fte = manifest["splits"]["train"]["files"], manifest["splits"]["test"]["files"]
     else:
         xtr, ytr, xte, yte, classes = _npz(Path(arg).expanduser(), test_fraction)
-    if image_size is not None and image_size != xtr.shape[1]:
-        xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
-    mean, std = channel_stats(xtr)
+    if xtr.shape[1] != xtr.shape[2] or image_size is not None and image_size != xtr.shape[1]:
+        size = image_size or min(xtr.shape[1:3])
+        xtr, xte = _resize(xtr, size, resize), _resize(xte, size, resize)
+    if manifest:  # from the decode: no pass over the (possibly memory-mapped) images
+        t = manifest["splits"]["train"]
+        mean, std = stats_from_sums(np.array(t["sums"], np.float64), np.array(t["squares"], np.float64),
+                                    xtr.shape[0] * xtr.shape[1] * xtr.shape[2])
+    else:
+        mean, std = channel_stats(xtr)
     aug = augment or default_augment(kind, xtr)
     make = lambda x, y, split, f: ArrayDataset(x, y.astype(np.int64), list(classes), mean, std, aug, spec, split, f)
-    return Source(make(xtr, ytr, "train", ftr), make(xte, yte, "test", fte), kind)
+    info = {k: manifest[k] for k in ("image_size", "channels", "resize", "source_sizes", "cache") if k in manifest}
+    return Source(make(xtr, ytr, "train", ftr), make(xte, yte, "test", fte), kind,
+                  list(manifest.get("skipped", [])), info)
 
 
 def default_augment(kind: str, images: np.ndarray) -> str:
@@ -139,29 +166,40 @@ def default_augment(kind: str, images: np.ndarray) -> str:
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (float64 accumulation)."""
+    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (exact integer sums)."""
     c = images.shape[3]
-    flat = images.reshape(-1, c)
-    s = np.zeros(c)
-    ss = np.zeros(c)
-    for start in range(0, flat.shape[0], 1 << 22):
-        chunk = flat[start:start + (1 << 22)].astype(np.float64)
-        s += chunk.sum(0)
-        ss += (chunk * chunk).sum(0)
-    n = max(flat.shape[0], 1)
-    mean = s / n / 255.0
-    std = np.sqrt(np.maximum(ss / n / 65025.0 - mean**2, 0.0))
+    sums = np.zeros(c, np.uint64)
+    squares = np.zeros(c, np.uint64)
+    for start in range(0, images.shape[0], 4096):
+        flat = np.ascontiguousarray(images[start:start + 4096]).reshape(-1, c)
+        sums += flat.sum(0, dtype=np.uint64)
+        squares += (flat.astype(np.uint16) ** 2).sum(0, dtype=np.uint64)
+    return stats_from_sums(sums.astype(np.float64), squares.astype(np.float64), images.size // max(c, 1))
+
+
+def stats_from_sums(sums: np.ndarray, squares: np.ndarray, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std in [0, 1] units from per-channel sums of uint8 pixels and of their squares
+    over ``n`` pixels per channel; a constant channel gets std 1."""
+    n = max(n, 1)
+    mean = sums / n / 255.0
+    std = np.sqrt(np.maximum(squares / n / 65025.0 - mean**2, 0.0))
     std = np.where(std < 1e-6, 1.0, std)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
+def _resize(images: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
+    """Resize uint8 NHWC arrays to ``size`` x ``size`` (antialiased bilinear); ``mode`` 'crop'
+    first centre-crops non-square images to their shorter side."""
     import torch
     import torch.nn.functional as F
 
+    h, w = images.shape[1:3]
+    if mode == "crop" and h != w:
+        s = min(h, w)
+        images = images[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
     out = []
     for start in range(0, images.shape[0], 4096):
-        x = torch.from_numpy(images[start:start + 4096]).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + 4096])).permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out) if out else np.zeros((0, size, size, images.shape[3]), np.uint8)
@@ -240,101 +278,140 @@ def _torchvision(kind: str, root: Path, download: bool):
 
 # ---------------------------------------------------------------------------------------- folders
 
-def _list_tree(root: Path) -> dict[str, list[Path]]:
-    """{class name: sorted image files} of a ``root/<class>/...`` tree."""
+def _image_files(d: str) -> list[str]:
+    """Image files under ``d`` as strings (no Path objects: 50,000 of them cost seconds), depth
+    first with the entries of each folder sorted by name (the order of
+    ``sorted(Path(d).rglob("*"))``), without a stat per file."""
+    out: list[str] = []
+    with os.scandir(d) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir():
+            out += _image_files(e.path)
+        elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file():
+            out.append(e.path)
+    return out
+
+
+def _list_tree(root: Path) -> dict[str, list[str]]:
+    """{class name: sorted image files} of a ``root/<class>/...`` tree; warns about class folders
+    without any image file (they are left out)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    tree = {}
+    tree, empty = {}, []
     for c in classes:
-        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = _image_files(str(root / c))
         if files:
             tree[c] = files
+        else:
+            empty.append(c)
+    if empty and tree:
+        warnings.warn(f"--data imagefolder: {len(empty)} class folder(s) under {root} hold no image and are left "
+                      f"out: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", KdfineWarning, stacklevel=4)
     return tree
 
 
-def _imagefolder(path: Path, image_size: int | None, test_fraction: float):
+def _folder_splits(path: Path, test_fraction: float) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
+    """The files and labels of each split of an image folder, and the class names. A tree
+    without ``test/`` (or with an empty one) is split by ``test_fraction``, stratified, seed 0."""
     if not path.is_dir():
         raise InputError(f"--data imagefolder:{path}: no such directory")
     split_layout = (path / "train").is_dir()
     trees = {"train": _list_tree(path / "train")} if split_layout else {"all": _list_tree(path)}
     if split_layout and (path / "test").is_dir():
         trees["test"] = _list_tree(path / "test")
-    if not any(trees.values()) or not next(iter(trees.values())):
+    if not next(iter(trees.values())):
         raise InputError(f"--data imagefolder:{path}: no images found; expected {path}/train/<class>/*.png "
                          f"(and {path}/test/<class>/*) or {path}/<class>/*")
-    key = hashlib.sha256()
-    key.update(json.dumps([CACHE_VERSION, str(path.resolve()), image_size, test_fraction]).encode())
-    for split, tree in trees.items():
-        for c, files in tree.items():
-            for f in files:
-                st = f.stat()
-                key.update(f"{split}/{c}/{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    cache = cache_dir() / "imagefolder" / f"{key.hexdigest()[:24]}.npz"
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                return (z["xtr"], z["ytr"], z["xte"], z["yte"], [str(c) for c in z["classes"]],
-                        z["ftr"].tolist(), z["fte"].tolist())
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
     classes = sorted(set().union(*[set(t) for t in trees.values()]))
     cindex = {c: i for i, c in enumerate(classes)}
-
-    def decode(tree):
+    flat = {}
+    for split, tree in trees.items():
         files = [f for c in sorted(tree) for f in tree[c]]
-        labels = np.array([cindex[c] for c in sorted(tree) for _ in tree[c]], dtype=np.int64)
-        return _decode_images(files, image_size, path), labels, np.array([str(f.resolve()) for f in files])
-
-    if "all" in trees:
-        x, y, f = decode(trees["all"])
-        tr, te = stratified_split(y, test_fraction, seed=0)
-        xtr, ytr, ftr, xte, yte, fte = x[tr], y[tr], f[tr], x[te], y[te], f[te]
-    else:
-        xtr, ytr, ftr = decode(trees["train"])
-        if "test" in trees and trees["test"]:
-            xte, yte, fte = decode(trees["test"])
-            if xte.shape[1:] != xtr.shape[1:]:
-                raise InputError(f"--data imagefolder:{path}: test images are {xte.shape[1:3]}, train images "
-                                 f"{xtr.shape[1:3]}; pass --image-size N to resize both")
-        else:
-            tr, te = stratified_split(ytr, test_fraction, seed=0)
-            xtr, ytr, ftr, xte, yte, fte = xtr[tr], ytr[tr], ftr[tr], xtr[te], ytr[te], ftr[te]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        from kdfine.io import atomic_open
-
-        with atomic_open(cache, "wb", option="cache") as f:
-            np.savez(f, xtr=xtr, ytr=ytr, xte=xte, yte=yte, classes=np.array(classes), ftr=ftr, fte=fte)
-    except Exception:
-        pass  # a cache that cannot be written only costs time on the next run
-    return xtr, ytr, xte, yte, classes, ftr.tolist(), fte.tolist()
+        flat[split] = (files, np.array([cindex[c] for c in sorted(tree) for _ in tree[c]], dtype=np.int64))
+    if "test" not in flat or not flat["test"][0]:
+        files, labels = flat.pop("all" if "all" in flat else "train")
+        tr, te = stratified_split(labels, test_fraction, seed=0)
+        flat = {"train": ([files[i] for i in tr], labels[tr]), "test": ([files[i] for i in te], labels[te])}
+    return flat, classes
 
 
-def _decode_images(files: list[Path], image_size: int | None, root: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    with Image.open(files[0]) as first:
-        gray = first.mode in ("1", "L", "I", "I;16", "F", "LA")
-    mode = "L" if gray else "RGB"
-
-    def one(f: Path) -> np.ndarray:
+def _first_size(files: list[str]) -> tuple[int, int] | None:
+    """The upright (width, height) of the first file that PIL can read, or None."""
+    for f in files:
         try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if image_size is not None and im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as e:
-            raise InputError(f"--data imagefolder:{root}: cannot decode {f}: {e}") from None
-        return a[..., None] if a.ndim == 2 else a
+            return cache.probe(f)[1:]
+        except MemoryError:
+            raise
+        except Exception:  # unreadable: decode_into will skip and list it
+            continue
+    return None
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        arrays = list(pool.map(one, files, chunksize=256))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        a, b = sorted(shapes)[:2]
-        raise InputError(f"--data imagefolder:{root}: images have different sizes ({a[1]}x{a[0]} and "
-                         f"{b[1]}x{b[0]}); pass --image-size N to resize them")
-    return np.stack(arrays)
+
+def _decode_folder(path: Path, splits: dict, key: str, image_size: int | None, resize: str,
+                   quiet: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Decode every split of an image folder into cache entry ``key``: colour if any image is
+    colour (decoded as RGB, reduced to one channel at the end if none was); unreadable files
+    skipped and listed in the manifest; without ``image_size`` all images must share one size."""
+    first = _first_size([f for files, _ in splits.values() for f in files])
+    require = None if image_size or first is None else first
+    spec = cache.DecodeSpec(image_size or (min(first) if first else 1), 3, resize)
+    prefix, base = len(str(path)), str(path.resolve())
+    manifest: dict[str, Any] = {"root": base, "image_size": spec.size, "resize": resize, "splits": {}, "skipped": []}
+    colour, sizes, arrays = False, set(), {}
+    with cache.EntryWriter(key) as writer:
+        for name, (files, labels) in splits.items():
+            sink = writer.sink(name, (spec.size, spec.size, 3), len(files))
+            try:
+                done = cache.decode_into(sink, files, spec, quiet=quiet, label=f"decoding {path.name}/{name}",
+                                         require=require)
+            except cache.SizeMismatch as e:
+                raise InputError(f"--data imagefolder:{path}: images have different sizes ({e.expected[0]}x"
+                                 f"{e.expected[1]} and {e.size[0]}x{e.size[1]}: {e.path}); pass --image-size N "
+                                 "(shorter side resized to N, then centre-cropped; --resize squash stretches)") from None
+            arrays[name] = sink.finish()
+            writer.add(name, arrays[name])
+            writer.add(f"{name}_labels", labels[done.kept])
+            manifest["skipped"] += [{"file": str(files[i]), "reason": why} for i, why in done.skipped]
+            manifest["splits"][name] = {"files": [base + str(files[i])[prefix:] for i in done.kept],
+                                        "sums": done.sums.tolist(), "squares": done.squares.tolist()}
+            colour, sizes = colour or done.colour, sizes | done.sizes
+        if not colour:
+            for name, split in manifest["splits"].items():
+                writer.grey(name, arrays[name])
+                split["sums"], split["squares"] = split["sums"][:1], split["squares"][:1]
+        manifest.update(channels=3 if colour else 1, source_sizes=sorted(f"{w}x{h}" for w, h in sizes)[:10])
+        out = writer.commit(manifest)
+        manifest["cache"] = str(writer.final) if writer.on_disk else None
+    return manifest, out
+
+
+def _imagefolder(path: Path, image_size: int | None, test_fraction: float, resize: str = "crop",
+                 strict: bool = False, quiet: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """An image folder through the decode cache: the manifest and the arrays ``train``,
+    ``train_labels``, ``test``, ``test_labels`` (memory maps when cached)."""
+    splits, classes = _folder_splits(path, test_fraction)
+    params = {"root": str(path.resolve()), "image_size": image_size, "resize": resize, "test_fraction": test_fraction}
+    prefix = len(str(path)) + 1
+    key = cache.tree_key(((f"{s}/{str(f)[prefix:]}", f) for s, (fs, _) in splits.items() for f in fs), params)
+    hit = cache.open_entry(key)
+    if hit is not None:
+        manifest, arrays = hit
+        manifest["cache"] = str(cache.entry_dir(key))
+    else:
+        manifest, arrays = _decode_folder(path, splits, key, image_size, resize, quiet)
+    manifest["classes"] = classes
+    skipped = manifest["skipped"]
+    if skipped:
+        first = f"{skipped[0]['file']} ({skipped[0]['reason']})"
+        if strict:
+            raise InputError(f"--data imagefolder:{path}: {len(skipped)} unreadable image file(s), the first "
+                             f"{first}; remove them, or drop --strict to skip them")
+        warnings.warn(f"--data imagefolder:{path}: skipped {len(skipped)} unreadable image file(s), the first "
+                      f"{first}", KdfineWarning, stacklevel=3)
+    for split in ("train", "test"):
+        if len(arrays[split]) == 0 and splits[split][0]:
+            raise InputError(f"--data imagefolder:{path}: the {split} split has no readable image")
+    return manifest, arrays
 
 
 def _npz(path: Path, test_fraction: float):

@@ -164,11 +164,6 @@ def lost_peer(error: BaseException) -> bool:
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
-def barrier() -> None:
-    if _ctx.distributed:
-        dist.barrier()
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks (in place) and return it; a no-op for a single process."""
     if _ctx.distributed:

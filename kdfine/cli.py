@@ -25,7 +25,7 @@ import typer
 import kdfine
 from kdfine.errors import EXIT_INPUT, EXIT_INTERRUPTED, KdfineError
 from kdfine.options import (P_DATA, P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag,
-                            TrainConfig)
+                            ModelOptions, TrainConfig)
 
 app = typer.Typer(
     name="kdfine",
@@ -64,8 +64,10 @@ NoisyOutOpt = Annotated[Optional[str], typer.Option("--noisy-out", help="Also wr
                                                     rich_help_panel=P_OUT)]
 
 
-ArchOpt = Annotated[str, typer.Option("--arch", help="Architecture; `kdfine list-archs` lists the names and "
-                                      "families.", rich_help_panel=P_TRAIN)]
+ArchOpt = Annotated[Optional[str], typer.Option(
+    "--arch", help="Architecture: a built-in name or family, tv:NAME (torchvision) or timm:NAME; `kdfine list-archs` "
+                   "lists them. Default: by image size (under 64 px a small CNN, else a torchvision network).",
+    rich_help_panel=P_TRAIN)]
 
 
 def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
@@ -283,11 +285,11 @@ def _training_done(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
 
 @app.command("train-teacher", rich_help_panel=TRAIN)
 @command
-@takes(data=DataOptions, cfg=TrainConfig, exclude=("loss", "tau", "alpha"))
+@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, exclude=("loss", "tau", "alpha"))
 def train_teacher(
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).", rich_help_panel=P_OUT)],
-    data: DataOptions, cfg: TrainConfig,
-    arch: ArchOpt = "cnn", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
+    data: DataOptions, cfg: TrainConfig, model: ModelOptions,
+    arch: ArchOpt = None, device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
     log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Train a classifier (a teacher) with cross-entropy; print the checkpoint path.
@@ -296,21 +298,21 @@ def train_teacher(
     """
     from kdfine import api
 
-    result = api.train_teacher(out, arch=arch, data=data, cfg=cfg, device=device, log=log, resume=resume,
-                               force=force, quiet=quiet)
+    result = api.train_teacher(out, arch=arch, data=data, cfg=cfg, model=model, device=device, log=log,
+                               resume=resume, force=force, quiet=quiet)
     _training_done(result, json_out, quiet)
 
 
 @app.command("distill", rich_help_panel=TRAIN)
 @command
-@takes(data=DataOptions, cfg=TrainConfig, defaults={"loss": "mse"})
+@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, defaults={"loss": "mse"})
 def distill(
     teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint; repeat for an ensemble "
                                                "(logits averaged); '-' reads the path from stdin.",
                                                rich_help_panel=P_TRAIN)],
     out: Annotated[str, typer.Option("--out", "-o", help="Student checkpoint to write.", rich_help_panel=P_OUT)],
-    data: DataOptions, cfg: TrainConfig,
-    arch: ArchOpt = "cnn-16", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
+    data: DataOptions, cfg: TrainConfig, model: ModelOptions,
+    arch: ArchOpt = None, device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
     log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Distil teacher(s) into a smaller student; print the student's path.
@@ -319,8 +321,8 @@ def distill(
     """
     from kdfine import api
 
-    result = api.distill(out, teacher, arch=arch, data=data, cfg=cfg, device=device, log=log, resume=resume,
-                         force=force, quiet=quiet)
+    result = api.distill(out, teacher, arch=arch, data=data, cfg=cfg, model=model, device=device, log=log,
+                         resume=resume, force=force, quiet=quiet)
     _training_done(result, json_out, quiet)
 
 

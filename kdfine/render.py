@@ -79,8 +79,8 @@ def pct(v: Any) -> str:
 
 
 def _metrics_text(m: dict[str, Any]) -> str:
-    names = [("test_top1", "test top-1", _pct), ("test_top5", "top-5", _pct), ("test_nll", "NLL", None),
-             ("test_ece", "ECE", _pct), ("train_acc", "train acc", _pct), ("img_per_s", "img/s", None)]
+    names = [("test_top1", "test top-1", pct), ("test_top5", "top-5", pct), ("test_nll", "NLL", None),
+             ("test_ece", "ECE", pct), ("train_acc", "train acc", pct), ("img_per_s", "img/s", None)]
     parts = []
     for key, label, fmt in names:
         v = (m or {}).get(key)
@@ -135,6 +135,7 @@ def info_text(d: dict[str, Any]) -> str:
             ("stage", f"{d.get('stage') or '?'} (kdfine {d.get('kdfine_version')}, schema {d.get('schema')})"),
             ("model", f"{d.get('arch')}, {params}, input {d.get('in_channels')}x{d.get('image_size')}x"
                       f"{d.get('image_size')}"),
+            ("init", d.get("init") or "random"),
             ("classes", f"{d.get('num_classes')}: {shown}"),
             ("data", f"{d.get('data')}, label noise {noise}"),
             ("training", f"{_training_text(d)}, {d.get('epochs')} epochs, seed {d.get('seed')}"),

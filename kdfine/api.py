@@ -350,6 +350,68 @@ def _export(opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | 
         export_folder(prepared.train, prepared.test, keep, folder)
 
 
+# ------------------------------------------------------------------------------------- leaving kdfine
+
+
+def export(model: str, out: str, *, fmt: str = "onnx", opset: int | None = None) -> dict[str, Any]:
+    """Write ``model`` as an ONNX (or TorchScript) file with its normalisation inside, after
+    checking the file's outputs against the checkpoint's (see :mod:`kdfine.export`)."""
+    from kdfine import export as exporter
+
+    exporter.require(fmt)  # missing packages fail before anything loads
+    if opset is not None and not 7 <= opset <= 30:
+        raise UsageError(f"--opset {opset}: expected an ONNX opset between 7 and 30")
+    from kdfine import checkpoint
+    from kdfine.io import atomic_write_bytes
+
+    check_writable(out)
+    ck = checkpoint.load(model, "cpu", "--model")
+    data, checked = exporter.export(ck, fmt, opset)
+    atomic_write_bytes(out, data)
+    return {"path": out, "format": fmt, "model": model, "arch": ck.arch, "classes": ck.classes,
+            "image_size": int(ck.meta["image_size"]), "bytes": len(data), "checked_on": checked}
+
+
+def predict(model: str, paths: list[str], *, top_k: int = 1, device: str = "auto",
+            batch_size: int = 256) -> dict[str, Any]:
+    """Class predictions of ``model`` for image files and folders (see :mod:`kdfine.predict`)."""
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be >= 1")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    if not paths:
+        raise UsageError("predict needs at least one image or folder")
+    from kdfine import checkpoint, predict as predictor
+    from kdfine.device import resolve_device
+
+    dev = resolve_device(device)
+    ck = checkpoint.load(model, "cpu", "--model")
+    files = predictor.find_images(paths)
+    rows, skipped = predictor.predict(ck, files, top_k=min(top_k, ck.num_classes), device=dev,
+                                      batch_size=batch_size)
+    return {"model": model, "top_k": min(top_k, ck.num_classes), "n": len(rows), "skipped": skipped,
+            "predictions": rows}
+
+
+# ------------------------------------------------------------------------------------- archs
+
+#: list-archs counts the parameters of at most this many library networks (on the meta device).
+COUNT_LIMIT = 50
+
+
+def list_archs(pattern: str | None = None, num_classes: int = 10) -> dict[str, Any]:
+    """The arch names matching ``pattern`` and, for up to :data:`COUNT_LIMIT` tv:/timm: names,
+    their parameter counts with a ``num_classes`` head."""
+    from kdfine.models import list_archs as names
+    from kdfine.models.zoo import is_zoo, param_count_cheap
+
+    found = names(pattern)
+    zoo = [n for n in found if is_zoo(n) and not n.endswith(":NAME")]
+    counts = {n: param_count_cheap(n, num_classes) for n in zoo[:COUNT_LIMIT]}
+    return {"pattern": pattern, "archs": found, "num_classes": num_classes,
+            "params": {n: c for n, c in counts.items() if c is not None}}
+
+
 # ------------------------------------------------------------------------------------- info
 
 

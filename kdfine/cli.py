@@ -479,6 +479,69 @@ def clean(
         _show(detection_report(report) + ([f"wrote {report['export']}"] if report.get("export") else []), quiet)
 
 
+@app.command("export", rich_help_panel=EVAL)
+@command
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint to export.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="File to write (FILE.onnx or FILE.pt).",
+                                     rich_help_panel=P_OUT)],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (needs kdfine[export]) or torchscript.")] = "onnx",
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: torch's).")] = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Write a checkpoint as ONNX or TorchScript: float32 NCHW input in [0, 1], normalisation inside,
+    dynamic batch, class names in the metadata; checked against the checkpoint before writing.
+
+    Example: kdfine export --model s.safetensors --out s.onnx
+    """
+    from kdfine import api
+
+    doc = api.export(model, out, fmt=fmt, opset=opset)
+    _note(f"wrote {doc['path']} ({doc['format']}, {doc['bytes']:,} bytes; outputs match the checkpoint's on "
+          f"{doc['checked_on']})", quiet)
+    if json_out:
+        _emit_json(doc)
+    else:
+        _emit_line(doc["path"])
+
+
+@app.command("predict", rich_help_panel=EVAL)
+@command
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).",
+                                               metavar="PATH...")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint that predicts.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="CSV to write (path,label,prob,...); default "
+                                               "stdout.", rich_help_panel=P_OUT)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes per image, most likely first.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    device: DeviceOpt = "auto", json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Predict the classes of images of any size (resized and centre-cropped to the checkpoint's size);
+    unreadable files are reported on stderr and skipped.
+
+    Example: kdfine predict --model s.safetensors photos/ --top-k 3 --out preds.csv
+    """
+    from kdfine import api
+    from kdfine.io import atomic_write_bytes, check_writable
+    from kdfine.predict import to_csv
+
+    if out is not None and out != "-":
+        check_writable(out)
+    doc = api.predict(model, paths, top_k=top_k, device=device, batch_size=batch_size)
+    text = to_csv(doc["predictions"], doc["top_k"])
+    if out is not None and out != "-":
+        atomic_write_bytes(out, text.encode())
+        doc["out"] = out
+    if json_out:
+        _emit_json(doc)
+    elif out is None or out == "-":
+        _write_stdout(text)
+    else:
+        _emit_line(out)
+    _note(f"{doc['n']} images predicted" + (f", {len(doc['skipped'])} skipped" if doc["skipped"] else ""), quiet)
+
+
 @app.command("info", rich_help_panel=UTIL)
 @command
 def info(
@@ -505,21 +568,25 @@ def info(
 @app.command("list-archs", rich_help_panel=UTIL)
 @command
 def list_archs(
-    pattern: Annotated[Optional[str], typer.Argument(help="Shell-style pattern, e.g. 'wrn*' or 'resnet?0'.",
+    pattern: Annotated[Optional[str], typer.Argument(help="Shell-style pattern, e.g. 'wrn*', 'resnet?0', or "
+                                                     "'tv:mobilenet*' / 'timm:resnet*' for the libraries' networks.",
                                                      metavar="[PATTERN]")] = None,
+    num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="Head size of the parameter counts.")] = 10,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """List the architectures that --arch accepts (names and families), optionally matching PATTERN.
+    """List the architectures that --arch accepts (names, families, torchvision and timm networks),
+    optionally matching PATTERN; library networks with their parameter count (tab-separated).
 
-    Example: kdfine list-archs 'wrn*' --json
+    Example: kdfine list-archs 'tv:mobilenet*' --json
     """
-    from kdfine.models import list_archs as names
+    from kdfine import api
 
-    found = names(pattern)
+    doc = api.list_archs(pattern, num_classes)
     if json_out:
-        _emit_json({"pattern": pattern, "archs": found})
-    elif found:
-        _emit_line("\n".join(found))
+        _emit_json(doc)
+    elif doc["archs"]:
+        params = doc["params"]
+        _emit_line("\n".join(f"{n}\t{params[n]}" if n in params else n for n in doc["archs"]))
     else:
         _note(f"no architecture matches '{pattern}'", quiet)
 

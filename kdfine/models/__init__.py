@@ -84,13 +84,17 @@ def register_family(name: str, regex: str, examples: tuple[str, ...] = ()) -> Ca
 
 
 def register_prefix(prefix: str, resolver: PrefixResolver, listed_as: str | None = None,
-                    lister: Callable[[str], list[str]] | None = None) -> None:
+                    lister: Callable[[str], list[str]] | None = None,
+                    check: Callable[[str], None] | None = None) -> None:
     """Resolve every arch ``PREFIX:NAME`` (e.g. ``tv:resnet18``) with ``resolver(NAME, k, c, s)``;
     ``list_archs`` shows it as ``listed_as`` (default ``PREFIX:NAME``) and, for a pattern
-    ``PREFIX:GLOB``, the names ``lister(GLOB)`` returns (``PREFIX:NAME`` each)."""
+    ``PREFIX:GLOB``, the names ``lister(GLOB)`` returns (``PREFIX:NAME`` each); :func:`check_arch`
+    calls ``check(NAME)`` instead of building it."""
     _PREFIXES[prefix] = (resolver, listed_as or f"{prefix}:NAME")
     if lister is not None:
         _LISTERS[prefix] = lister
+    if check is not None:
+        _NAME_CHECKS[prefix] = check
 
 
 def _load() -> None:
@@ -142,9 +146,19 @@ def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 3
     raise UsageError(f"--arch '{arch}': unknown architecture; expected one of {arch_help()}")
 
 
+#: Checks of prefixed names that need no build (a network's input size is not known yet).
+_NAME_CHECKS: dict[str, Callable[[str], None]] = {}
+
+
 def check_arch(arch: str) -> None:
     """Raise :class:`UsageError` now, before any data is loaded, when ``arch`` cannot be built
-    (an unknown name, bad family parameters): builds it for two classes and drops it."""
+    (an unknown name, bad family parameters): builds it for two classes and drops it. Prefixed
+    names registered with a ``check`` are only looked up (their input size is not known yet)."""
+    _load()
+    prefix, sep, rest = arch.strip().partition(":")
+    if sep and prefix.lower() in _NAME_CHECKS:
+        _NAME_CHECKS[prefix.lower()](rest)
+        return
     build(arch, 2)
 
 

@@ -343,4 +343,5 @@ def _resolver(prefix: str) -> Callable[[str, int, int, int], Classifier]:
 
 
 for _p in PREFIXES:
-    register_prefix(_p, _resolver(_p), lister=lambda pattern, p=_p: list_names(p, pattern))
+    register_prefix(_p, _resolver(_p), lister=lambda pattern, p=_p: list_names(p, pattern),
+                    check=_tv_check if _p == "tv" else _timm_check)

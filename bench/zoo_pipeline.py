@@ -95,7 +95,8 @@ def conventional(tree: Path, size: int, batch: int, teacher: torch.nn.Module | N
             loss = F.cross_entropy(z, y)
         else:
             with torch.no_grad():
-                loss = F.mse_loss(z, teacher(x))
+                zt = teacher(x)
+            loss = F.mse_loss(z, zt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -218,6 +218,16 @@ def test_default_arch_for_large_images(tmp_path, cli):
     assert "tv:resnet18 (default for 64px images" in r.stderr and meta(out)["arch"] == "tv:resnet18"
 
 
+def test_distill_timm_teacher_into_tv_student(timm_ckpt, tmp_path, cli):
+    out = tmp_path / "s.safetensors"
+    r = cli("distill", "--teacher", timm_ckpt, "--arch", SMALL_TV, "--epochs", "1", "--batch-size", "6",
+            "--out", out, "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    doc = read_json(r.stdout)
+    assert doc["arch"] == SMALL_TV and len(doc["epochs"]) == 1
+    assert json.loads(meta(out)["parents"]) == [read_json(cli("info", timm_ckpt, "--json").stdout)["sha256"]]
+
+
 def test_tv_checkpoint_loads_with_the_network_off(tv_ckpt, tmp_path, cli):
     code = ("import sys; from kdfine import checkpoint; import torch\n"
             f"c = checkpoint.load({str(tv_ckpt)!r})\n"

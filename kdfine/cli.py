@@ -489,8 +489,9 @@ def export(
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: torch's).")] = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Write a checkpoint as ONNX or TorchScript: float32 NCHW input in [0, 1], normalisation inside,
-    dynamic batch, class names in the metadata; checked against the checkpoint before writing.
+    """Write a checkpoint as ONNX or TorchScript, normalisation inside, checked before writing.
+
+    Input float32 NCHW in [0, 1] with a dynamic batch axis; the class names are in the metadata.
 
     Example: kdfine export --model s.safetensors --out s.onnx
     """
@@ -517,8 +518,10 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
     device: DeviceOpt = "auto", json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Predict the classes of images of any size (resized and centre-cropped to the checkpoint's size);
-    unreadable files are reported on stderr and skipped.
+    """Predict the classes of image files and folders; print CSV (path,label,prob,...) or JSON.
+
+    Images of any size are resized and centre-cropped to the checkpoint's size; unreadable files
+    are reported on stderr and skipped.
 
     Example: kdfine predict --model s.safetensors photos/ --top-k 3 --out preds.csv
     """
@@ -574,8 +577,10 @@ def list_archs(
     num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="Head size of the parameter counts.")] = 10,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """List the architectures that --arch accepts (names, families, torchvision and timm networks),
-    optionally matching PATTERN; library networks with their parameter count (tab-separated).
+    """List the architectures that --arch accepts, optionally matching PATTERN.
+
+    Built-in names and families, and the torchvision (tv:) and timm (timm:) networks matching a
+    PATTERN with their prefix; those with their parameter count (tab-separated).
 
     Example: kdfine list-archs 'tv:mobilenet*' --json
     """

@@ -20,7 +20,7 @@ from kdfine import detection
 from kdfine.data.noise import parse_noise
 from kdfine.errors import InputError, KdfineWarning, UsageError
 from kdfine.io import check_writable, is_special, read_stdin_path
-from kdfine.options import DataOptions, DetectOptions, EvalOptions, TrainConfig
+from kdfine.options import DataOptions, DetectOptions, EvalOptions, ModelOptions, TrainConfig
 
 if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands that use them, so that
     # detect-noise (and `import kdfine.api`) never loads torch
@@ -28,8 +28,13 @@ if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands that u
     from kdfine.data.prepare import Prepared
     from kdfine.data.sources import ArrayDataset
 
-__all__ = ["DataOptions", "TrainConfig", "DetectOptions", "EvalOptions", "train_teacher", "distill", "evaluate",
-           "clean", "detect_noise", "info"]
+__all__ = ["DataOptions", "TrainConfig", "DetectOptions", "EvalOptions", "ModelOptions", "train_teacher", "distill",
+           "evaluate", "clean", "detect_noise", "info", "list_archs", "export", "predict"]
+
+#: --arch when none is given: (small images, images of at least LARGE_INPUT px) per stage. The
+#: built-in CNNs convolve at full resolution, far too slow for large images.
+DEFAULT_ARCH = {"teacher": ("cnn", "tv:resnet18"), "student": ("cnn-16", "tv:mobilenet_v3_small")}
+LARGE_INPUT = 64
 
 
 def _base_meta(arch: str, data: Prepared, cfg: TrainConfig, stage: str) -> dict[str, Any]:
@@ -40,40 +45,51 @@ def _base_meta(arch: str, data: Prepared, cfg: TrainConfig, stage: str) -> dict[
             "tau": cfg.tau, "alpha": cfg.alpha, "seed": cfg.seed, "epochs": cfg.epochs}
 
 
-def _header(stage: str, arch: str, model: Any, data: Prepared, ctx: distributed.Context) -> str:
+def _header(stage: str, arch: str, model: Any, data: Prepared, ctx: distributed.Context, chosen: bool = False,
+            init: str | None = None) -> str:
     from kdfine.models import param_count
 
     train = data.train
     sel = f", {len(data.keep)} kept by --keep" if data.keep is not None else ""
-    return (f"{stage} {arch} ({param_count(model) / 1e6:.2f}M params) on {data.options.data}: {len(train)} train "
+    why = f" (default for {train.image_size}px images; --arch to change)" if chosen else ""
+    start = f", from {init}" if init else ""
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    head = f", backbone frozen ({frozen / 1e6:.2f}M)" if frozen else ""
+    return (f"{stage} {arch}{why} ({param_count(model) / 1e6:.2f}M params{start}{head}) on {data.options.data}: "
+            f"{len(train)} train "
             f"images{sel}, {len(data.test)} test, {train.num_classes} classes, device {ctx.device}"
             + (f" x{ctx.world_size}" if ctx.distributed else ""))
 
 
-def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distributed.Context, *,
-           stage: str, teachers: list[checkpoint.Checkpoint] | None = None, log: str | None = None,
-           resume: bool = False, force: bool = False, quiet: bool = False,
+def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: distributed.Context, *,
+           stage: str, model_opts: ModelOptions, teachers: list[checkpoint.Checkpoint] | None = None,
+           log: str | None = None, resume: bool = False, force: bool = False, quiet: bool = False,
            extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from kdfine import checkpoint, distributed
     from kdfine.engine import TeacherEnsemble, fit
     from kdfine.progress import Reporter
+    from kdfine.models.weights import initial_model
     from kdfine.state import state_path
-    from kdfine.models import build
 
+    chosen = arch is None
+    arch = arch or DEFAULT_ARCH[stage][data.train.image_size >= LARGE_INPUT]
+    data = _with_weights_stats(data, arch, model_opts)
     train, teachers = data.train, teachers or []
     torch.manual_seed(cfg.seed)
-    model = build(arch, train.num_classes, train.in_channels, train.image_size)
+    model, init = initial_model(arch, train.num_classes, train.in_channels, train.image_size,
+                                pretrained=model_opts.pretrained, init=model_opts.init,
+                                freeze=model_opts.freeze_backbone)
     teacher = None
     if teachers:
         teacher = TeacherEnsemble([t.model.to(ctx.device) for t in teachers],
                                   [(t.meta["mean"], t.meta["std"]) for t in teachers], (train.mean, train.std),
                                   ctx.device)
-    run_config = {"arch": arch, **data.config(), **asdict(cfg), **(extra_config or {})}
+    run_config = {"arch": arch, **data.config(), **asdict(cfg), **asdict(model_opts), **(extra_config or {})}
     reporter = Reporter(quiet=quiet, enabled=ctx.is_main, title=stage)
     if ctx.is_main:
-        reporter.print(_header(stage, arch, model, data, ctx))
+        reporter.print(_header(stage, arch, model, data, ctx, chosen, init))
     state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
     result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=data.keep,
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
@@ -84,7 +100,7 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
         final.update(train_loss=last["loss"], train_acc=last["train_acc"],
                      img_per_s=float(np.median([h["img_per_s"] for h in result.history])))
     meta = _base_meta(arch, data, cfg, stage)
-    meta.update(metrics=final, config=run_config, parents=[t.sha256 for t in teachers],
+    meta.update(metrics=final, config=run_config, init=init, parents=[t.sha256 for t in teachers],
                 parent_paths=[str(Path(t.path).resolve()) for t in teachers])
 
     def save() -> str:
@@ -100,42 +116,77 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
             "epochs": result.history}
 
 
+def _with_weights_stats(data: Prepared, arch: str, model_opts: ModelOptions) -> Prepared:
+    """With ``--pretrained``, the data normalised with the weights' mean/std (their channel
+    average for grey images) instead of its own statistics."""
+    if not model_opts.pretrained:
+        return data
+    from kdfine.models.zoo import pretrained_weights
+
+    w = pretrained_weights(arch)
+    c = data.train.in_channels
+    mean, std = (w.mean, w.std) if c == len(w.mean) else ((float(np.mean(w.mean)),) * c, (float(np.mean(w.std)),) * c)
+    return replace(data, train=replace(data.train, mean=mean, std=std), test=replace(data.test, mean=mean, std=std))
+
+
+def _model_options(arch: str | None, data: DataOptions, model_opts: ModelOptions | None,
+                   stage: str) -> tuple[str | None, DataOptions, ModelOptions]:
+    """Check ``--pretrained``/``--init`` before any data loads; with ``--pretrained`` (the arch
+    defaulting to a torchvision network) and no ``--image-size``, the weights' crop size."""
+    from kdfine.models import check_arch
+
+    mo = (model_opts or ModelOptions()).validate()
+    if arch is not None:
+        check_arch(arch)  # an unknown --arch fails here, before any data is loaded
+    if mo.init and not Path(mo.init).is_file():
+        raise InputError(f"--init {mo.init}: no such file")
+    if mo.pretrained:
+        from kdfine.models.zoo import is_zoo, pretrained_weights
+
+        arch = arch or DEFAULT_ARCH[stage][1]
+        weights = pretrained_weights(arch)
+        if data.image_size is None and is_zoo(arch):
+            data = replace(data, image_size=weights.image_size)
+    return arch, data, mo
+
+
 def _check_outputs(out: str, log: str | None) -> None:
     check_writable(out)
     if log:
         check_writable(log, "--log")
 
 
-def train_teacher(out: str, *, arch: str = "cnn", data: DataOptions | None = None, cfg: TrainConfig | None = None,
-                  device: str = "auto", log: str | None = None, resume: bool = False, force: bool = False,
+def train_teacher(out: str, *, arch: str | None = None, data: DataOptions | None = None,
+                  cfg: TrainConfig | None = None, model: ModelOptions | None = None, device: str = "auto",
+                  log: str | None = None, resume: bool = False, force: bool = False,
                   quiet: bool = False) -> dict[str, Any]:
-    """Train ``arch`` on ``data`` with cross-entropy and write the checkpoint to ``out``."""
+    """Train ``arch`` on ``data`` with cross-entropy and write the checkpoint to ``out``. Without
+    ``arch``, ``cnn`` for images under 64 px and ``tv:resnet18`` from 64 px on."""
     cfg = replace(cfg or TrainConfig(), loss="ce").validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
+    arch, data, model = _model_options(arch, data, model, "teacher")
     from kdfine import distributed
     from kdfine.data.prepare import prepare
-    from kdfine.models import check_arch
 
-    check_arch(arch)  # an unknown --arch fails here, before any data is loaded
     ctx = distributed.setup(device)
     _check_outputs(out, log)
-    return _train(out, arch, prepare(data), cfg, ctx, stage="teacher", log=log, resume=resume, force=force,
-                  quiet=quiet)
+    return _train(out, arch, prepare(data), cfg, ctx, stage="teacher", model_opts=model, log=log, resume=resume,
+                  force=force, quiet=quiet)
 
 
-def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOptions | None = None,
-            cfg: TrainConfig | None = None, device: str = "auto", log: str | None = None, resume: bool = False,
-            force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Distil one or more teachers (logits averaged) into a new ``arch`` student."""
+def distill(out: str, teachers: list[str], *, arch: str | None = None, data: DataOptions | None = None,
+            cfg: TrainConfig | None = None, model: ModelOptions | None = None, device: str = "auto",
+            log: str | None = None, resume: bool = False, force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Distil one or more teachers (logits averaged) into a new ``arch`` student. Without ``arch``,
+    ``cnn-16`` for images under 64 px and ``tv:mobilenet_v3_small`` from 64 px on."""
     cfg = (cfg or TrainConfig(loss="mse")).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if not teachers:
         raise UsageError("distill needs at least one --teacher")
+    arch, _, model = _model_options(arch, data, model, "student")
     from kdfine import checkpoint, distributed
     from kdfine.data.prepare import check_compatible, inherit_from, prepare
-    from kdfine.models import check_arch
 
-    check_arch(arch)
     ctx = distributed.setup(device)
     _check_outputs(out, log)
     paths = [distributed.main_only(read_stdin_path, "--teacher") if t == "-" else t for t in teachers]
@@ -144,8 +195,8 @@ def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOp
     for t in loaded:
         check_compatible(t, prepared.train)
     extra = {"teachers": [t.sha256 for t in loaded]}
-    return _train(out, arch, prepared, cfg, ctx, stage="student", teachers=loaded, log=log, resume=resume,
-                  force=force, quiet=quiet, extra_config=extra)
+    return _train(out, arch, prepared, cfg, ctx, stage="student", model_opts=model, teachers=loaded, log=log,
+                  resume=resume, force=force, quiet=quiet, extra_config=extra)
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -299,10 +350,72 @@ def _export(opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | 
         export_folder(prepared.train, prepared.test, keep, folder)
 
 
+# ------------------------------------------------------------------------------------- leaving kdfine
+
+
+def export(model: str, out: str, *, fmt: str = "onnx", opset: int | None = None) -> dict[str, Any]:
+    """Write ``model`` as an ONNX (or TorchScript) file with its normalisation inside, after
+    checking the file's outputs against the checkpoint's (see :mod:`kdfine.export`)."""
+    from kdfine import export as exporter
+
+    exporter.require(fmt)  # missing packages fail before anything loads
+    if opset is not None and not 7 <= opset <= 30:
+        raise UsageError(f"--opset {opset}: expected an ONNX opset between 7 and 30")
+    from kdfine import checkpoint
+    from kdfine.io import atomic_write_bytes
+
+    check_writable(out)
+    ck = checkpoint.load(model, "cpu", "--model")
+    data, checked = exporter.export(ck, fmt, opset)
+    atomic_write_bytes(out, data)
+    return {"path": out, "format": fmt, "model": model, "arch": ck.arch, "classes": ck.classes,
+            "image_size": int(ck.meta["image_size"]), "bytes": len(data), "checked_on": checked}
+
+
+def predict(model: str, paths: list[str], *, top_k: int = 1, device: str = "auto",
+            batch_size: int = 256) -> dict[str, Any]:
+    """Class predictions of ``model`` for image files and folders (see :mod:`kdfine.predict`)."""
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be >= 1")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    if not paths:
+        raise UsageError("predict needs at least one image or folder")
+    from kdfine import checkpoint, predict as predictor
+    from kdfine.device import resolve_device
+
+    dev = resolve_device(device)
+    ck = checkpoint.load(model, "cpu", "--model")
+    files = predictor.find_images(paths)
+    rows, skipped = predictor.predict(ck, files, top_k=min(top_k, ck.num_classes), device=dev,
+                                      batch_size=batch_size)
+    return {"model": model, "top_k": min(top_k, ck.num_classes), "n": len(rows), "skipped": skipped,
+            "predictions": rows}
+
+
+# ------------------------------------------------------------------------------------- archs
+
+#: list-archs counts the parameters of at most this many library networks (on the meta device).
+COUNT_LIMIT = 50
+
+
+def list_archs(pattern: str | None = None, num_classes: int = 10) -> dict[str, Any]:
+    """The arch names matching ``pattern`` and, for up to :data:`COUNT_LIMIT` tv:/timm: names,
+    their parameter counts with a ``num_classes`` head."""
+    from kdfine.models import list_archs as names
+    from kdfine.models.zoo import is_zoo, param_count_cheap
+
+    found = names(pattern)
+    zoo = [n for n in found if is_zoo(n) and not n.endswith(":NAME")]
+    counts = {n: param_count_cheap(n, num_classes) for n in zoo[:COUNT_LIMIT]}
+    return {"pattern": pattern, "archs": found, "num_classes": num_classes,
+            "params": {n: c for n, c in counts.items() if c is not None}}
+
+
 # ------------------------------------------------------------------------------------- info
 
 
-_INFO_KEYS = ("stage", "arch", "num_classes", "classes", "in_channels", "image_size", "mean", "std", "data",
+_INFO_KEYS = ("stage", "arch", "init", "num_classes", "classes", "in_channels", "image_size", "mean", "std", "data",
               "label_noise", "loss", "tau", "alpha", "seed", "epochs", "metrics")
 
 

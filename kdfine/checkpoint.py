@@ -146,14 +146,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", what: str 
     unexpected = [k for k in tensors if k not in expected]
     wrong = [k for k, v in tensors.items() if k in expected and expected[k].shape != v.shape]
     if missing or unexpected or wrong:
-        detail = "; ".join(x for x in (
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-            f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if x)
-        raise InputError(f"{what} {p}: its tensors do not match its recorded arch {meta['arch']} ({detail})")
+        raise InputError(f"{what} {p}: its tensors do not match its recorded arch {meta['arch']} "
+                         f"({mismatch(missing, unexpected, wrong)})")
     model.load_state_dict(tensors)
     model.to(device).eval()
     return Checkpoint(str(p), model, meta, file_sha256(p))
+
+
+def mismatch(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    """The first few missing, unexpected and wrongly shaped keys of a state dict, for messages."""
+    return "; ".join(x for x in (
+        f"missing {', '.join(missing[:3])}" if missing else "",
+        f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        f"wrong shape {', '.join(wrong[:3])}" if wrong else "") if x)
 
 
 def _short(e: Exception) -> str:

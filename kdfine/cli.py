@@ -24,7 +24,8 @@ import typer
 
 import kdfine
 from kdfine.errors import EXIT_INPUT, EXIT_INTERRUPTED, KdfineError
-from kdfine.options import P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag, TrainConfig
+from kdfine.options import (P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag, ModelOptions,
+                            TrainConfig)
 
 app = typer.Typer(
     name="kdfine",
@@ -63,8 +64,10 @@ NoisyOutOpt = Annotated[Optional[str], typer.Option("--noisy-out", help="Also wr
                                                     rich_help_panel=P_OUT)]
 
 
-ArchOpt = Annotated[str, typer.Option("--arch", help="Architecture; `kdfine list-archs` lists the names and "
-                                      "families.", rich_help_panel=P_TRAIN)]
+ArchOpt = Annotated[Optional[str], typer.Option(
+    "--arch", help="Architecture: a built-in name or family, tv:NAME (torchvision) or timm:NAME; `kdfine list-archs` "
+                   "lists them. Default: by image size (under 64 px a small CNN, else a torchvision network).",
+    rich_help_panel=P_TRAIN)]
 
 
 def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
@@ -283,11 +286,11 @@ def _training_done(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
 
 @app.command("train-teacher", rich_help_panel=TRAIN)
 @command
-@takes(data=DataOptions, cfg=TrainConfig, exclude=("loss", "tau", "alpha"))
+@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, exclude=("loss", "tau", "alpha"))
 def train_teacher(
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).", rich_help_panel=P_OUT)],
-    data: DataOptions, cfg: TrainConfig,
-    arch: ArchOpt = "cnn", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
+    data: DataOptions, cfg: TrainConfig, model: ModelOptions,
+    arch: ArchOpt = None, device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
     log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Train a classifier (a teacher) with cross-entropy; print the checkpoint path.
@@ -296,21 +299,21 @@ def train_teacher(
     """
     from kdfine import api
 
-    result = api.train_teacher(out, arch=arch, data=data, cfg=cfg, device=device, log=log, resume=resume,
-                               force=force, quiet=quiet)
+    result = api.train_teacher(out, arch=arch, data=data, cfg=cfg, model=model, device=device, log=log,
+                               resume=resume, force=force, quiet=quiet)
     _training_done(result, json_out, quiet)
 
 
 @app.command("distill", rich_help_panel=TRAIN)
 @command
-@takes(data=DataOptions, cfg=TrainConfig, defaults={"loss": "mse"})
+@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, defaults={"loss": "mse"})
 def distill(
     teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint; repeat for an ensemble "
                                                "(logits averaged); '-' reads the path from stdin.",
                                                rich_help_panel=P_TRAIN)],
     out: Annotated[str, typer.Option("--out", "-o", help="Student checkpoint to write.", rich_help_panel=P_OUT)],
-    data: DataOptions, cfg: TrainConfig,
-    arch: ArchOpt = "cnn-16", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
+    data: DataOptions, cfg: TrainConfig, model: ModelOptions,
+    arch: ArchOpt = None, device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
     log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Distil teacher(s) into a smaller student; print the student's path.
@@ -319,8 +322,8 @@ def distill(
     """
     from kdfine import api
 
-    result = api.distill(out, teacher, arch=arch, data=data, cfg=cfg, device=device, log=log, resume=resume,
-                         force=force, quiet=quiet)
+    result = api.distill(out, teacher, arch=arch, data=data, cfg=cfg, model=model, device=device, log=log,
+                         resume=resume, force=force, quiet=quiet)
     _training_done(result, json_out, quiet)
 
 
@@ -477,6 +480,72 @@ def clean(
         _show(detection_report(report) + ([f"wrote {report['export']}"] if report.get("export") else []), quiet)
 
 
+@app.command("export", rich_help_panel=EVAL)
+@command
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint to export.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="File to write (FILE.onnx or FILE.pt).",
+                                     rich_help_panel=P_OUT)],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (needs kdfine[export]) or torchscript.")] = "onnx",
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: torch's).")] = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Write a checkpoint as ONNX or TorchScript, normalisation inside, checked before writing.
+
+    Input float32 NCHW in [0, 1] with a dynamic batch axis; the class names are in the metadata.
+
+    Example: kdfine export --model s.safetensors --out s.onnx
+    """
+    from kdfine import api
+
+    doc = api.export(model, out, fmt=fmt, opset=opset)
+    _note(f"wrote {doc['path']} ({doc['format']}, {doc['bytes']:,} bytes; outputs match the checkpoint's on "
+          f"{doc['checked_on']})", quiet)
+    if json_out:
+        _emit_json(doc)
+    else:
+        _emit_line(doc["path"])
+
+
+@app.command("predict", rich_help_panel=EVAL)
+@command
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).",
+                                               metavar="PATH...")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint that predicts.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="CSV to write (path,label,prob,...); default "
+                                               "stdout.", rich_help_panel=P_OUT)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes per image, most likely first.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    device: DeviceOpt = "auto", json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Predict the classes of image files and folders; print CSV (path,label,prob,...) or JSON.
+
+    Images of any size are resized and centre-cropped to the checkpoint's size; unreadable files
+    are reported on stderr and skipped.
+
+    Example: kdfine predict --model s.safetensors photos/ --top-k 3 --out preds.csv
+    """
+    from kdfine import api
+    from kdfine.io import atomic_write_bytes, check_writable
+    from kdfine.predict import to_csv
+
+    if out is not None and out != "-":
+        check_writable(out)
+    doc = api.predict(model, paths, top_k=top_k, device=device, batch_size=batch_size)
+    text = to_csv(doc["predictions"], doc["top_k"])
+    if out is not None and out != "-":
+        atomic_write_bytes(out, text.encode())
+        doc["out"] = out
+    if json_out:
+        _emit_json(doc)
+    elif out is None or out == "-":
+        _write_stdout(text)
+    else:
+        _emit_line(out)
+    _note(f"{doc['n']} images predicted" + (f", {len(doc['skipped'])} skipped" if doc["skipped"] else ""), quiet)
+
+
 @app.command("info", rich_help_panel=UTIL)
 @command
 def info(
@@ -503,21 +572,27 @@ def info(
 @app.command("list-archs", rich_help_panel=UTIL)
 @command
 def list_archs(
-    pattern: Annotated[Optional[str], typer.Argument(help="Shell-style pattern, e.g. 'wrn*' or 'resnet?0'.",
+    pattern: Annotated[Optional[str], typer.Argument(help="Shell-style pattern, e.g. 'wrn*', 'resnet?0', or "
+                                                     "'tv:mobilenet*' / 'timm:resnet*' for the libraries' networks.",
                                                      metavar="[PATTERN]")] = None,
+    num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="Head size of the parameter counts.")] = 10,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """List the architectures that --arch accepts (names and families), optionally matching PATTERN.
+    """List the architectures that --arch accepts, optionally matching PATTERN.
 
-    Example: kdfine list-archs 'wrn*' --json
+    Built-in names and families, and the torchvision (tv:) and timm (timm:) networks matching a
+    PATTERN with their prefix; those with their parameter count (tab-separated).
+
+    Example: kdfine list-archs 'tv:mobilenet*' --json
     """
-    from kdfine.models import list_archs as names
+    from kdfine import api
 
-    found = names(pattern)
+    doc = api.list_archs(pattern, num_classes)
     if json_out:
-        _emit_json({"pattern": pattern, "archs": found})
-    elif found:
-        _emit_line("\n".join(found))
+        _emit_json(doc)
+    elif doc["archs"]:
+        params = doc["params"]
+        _emit_line("\n".join(f"{n}\t{params[n]}" if n in params else n for n in doc["archs"]))
     else:
         _note(f"no architecture matches '{pattern}'", quiet)
 

@@ -175,7 +175,8 @@ class DataOptions:
 class TrainConfig:
     """Every option of the training loop, with the defaults of the CLI."""
 
-    epochs: int = opt(30, "--epochs", "Training epochs.", panel=P_TRAIN, min=1)
+    epochs: int = opt(30, "--epochs", "Training epochs (0: write the initialised model, e.g. pretrained "
+                      "features for eval --dump-features).", panel=P_TRAIN, min=0)
     batch_size: int = opt(128, "--batch-size", "Global batch size (split across torchrun ranks).", panel=P_TRAIN,
                           min=1)
     lr: float = opt(0.1, "--lr", "Peak learning rate (SGD, momentum 0.9, Nesterov).", panel=P_TRAIN)
@@ -204,7 +205,9 @@ class TrainConfig:
                            choices=lambda: ("gmm", "kmeans"))
 
     def validate(self) -> "TrainConfig":
-        for name in ("epochs", "batch_size", "eval_every"):
+        if self.epochs < 0:
+            raise UsageError(f"--epochs {self.epochs}: must be >= 0")
+        for name in ("batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         check_number(self.lr, "--lr", low=0.0, low_open=True, high=1e4)
@@ -221,6 +224,32 @@ class TrainConfig:
         check_number(self.tau, "--tau", low=0.0, low_open=True)
         check_number(self.alpha, "--alpha", low=0.0, high=1.0)
         parse_schedule(self.schedule, self.epochs)
+        return self
+
+
+# ------------------------------------------------------------------------------------ weights
+
+P_WEIGHTS = "Initial weights"
+
+
+@dataclass
+class ModelOptions:
+    """Where a new network's initial weights come from and which of its parameters train."""
+
+    pretrained: bool = opt(False, "--pretrained", "Start from the library's default pretrained weights (tv: and "
+                           "timm: archs; cached by torch hub under TORCH_HOME or by Hugging Face); images are then "
+                           "resized to the weights' size unless --image-size is given, and normalised with their "
+                           "mean/std.", panel=P_WEIGHTS)
+    init: str | None = opt(None, "--init", "Start from a local state dict: .safetensors (a kdfine checkpoint too) "
+                           "or .pth/.pt (tensors only); a head of another size starts fresh.", panel=P_WEIGHTS)
+    freeze_backbone: bool = opt(False, "--freeze-backbone", "Train the head only (linear probing); the backbone "
+                                "stays in eval mode.", panel=P_WEIGHTS)
+
+    def validate(self) -> "ModelOptions":
+        if self.pretrained and self.init:
+            raise UsageError("--pretrained and --init are alternatives; give one")
+        if self.init is not None and not self.init.strip():
+            raise UsageError("--init: expected a file name")
         return self
 
 

@@ -135,6 +135,7 @@ def info_text(d: dict[str, Any]) -> str:
             ("stage", f"{d.get('stage') or '?'} (kdfine {d.get('kdfine_version')}, schema {d.get('schema')})"),
             ("model", f"{d.get('arch')}, {params}, input {d.get('in_channels')}x{d.get('image_size')}x"
                       f"{d.get('image_size')}"),
+            ("init", d.get("init") or "random"),
             ("classes", f"{d.get('num_classes')}: {shown}"),
             ("data", f"{d.get('data')}, label noise {noise}"),
             ("training", f"{_training_text(d)}, {d.get('epochs')} epochs, seed {d.get('seed')}"),

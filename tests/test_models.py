@@ -57,7 +57,7 @@ def test_list_archs_pattern():
 
 @pytest.mark.parametrize("arch,message", [
     ("vgg99", "unknown architecture"), ("wrn-15-2", "6n\\+4"), ("wrn-10-0", "width >= 1"),
-    ("cnn-0", "width must be >= 1"), ("mlp-1", "width must be >= 2"), ("tv:resnet18", "unknown architecture"),
+    ("cnn-0", "width must be >= 1"), ("mlp-1", "width must be >= 2"), ("tv:no_such_net", "not a torchvision classification model"),
 ])
 def test_bad_names(arch, message):
     with pytest.raises(UsageError, match=message) as err:

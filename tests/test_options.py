@@ -34,7 +34,7 @@ EARLY_USAGE_ERRORS = [
     (["train-teacher", "--schedule", "steps", "--out", "t.safetensors"], "--schedule 'steps'"),
     (["train-teacher", "--data", "imagenet", "--out", "t.safetensors"], "unknown data spec"),
     (["train-teacher", "--label-noise", "sym:2", "--out", "t.safetensors"], "rate must lie in [0, 1]"),
-    (["train-teacher", "--epochs", "0", "--out", "t.safetensors"], "--epochs"),
+    (["train-teacher", "--epochs", "-1", "--out", "t.safetensors"], "--epochs"),  # 0 writes the initial model
 ]
 
 _PROBE = """

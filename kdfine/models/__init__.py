@@ -39,7 +39,7 @@ FamilyBuilder = Callable[[tuple, int, int, int], "Classifier"]
 PrefixResolver = Callable[[str, int, int, int], "Classifier"]
 
 #: Modules whose import registers entries; a new module (``kdfine.models.zoo``) appends itself here.
-PROVIDERS: list[str] = ["kdfine.models.cifar"]
+PROVIDERS: list[str] = ["kdfine.models.cifar", "kdfine.models.zoo"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Family:
 _NAMES: dict[str, Builder] = {}
 _FAMILIES: list[Family] = []
 _PREFIXES: dict[str, tuple[PrefixResolver, str]] = {}
+_LISTERS: dict[str, Callable[[str], list[str]]] = {}
 _loaded = False
 
 
@@ -82,10 +83,18 @@ def register_family(name: str, regex: str, examples: tuple[str, ...] = ()) -> Ca
     return deco
 
 
-def register_prefix(prefix: str, resolver: PrefixResolver, listed_as: str | None = None) -> None:
+def register_prefix(prefix: str, resolver: PrefixResolver, listed_as: str | None = None,
+                    lister: Callable[[str], list[str]] | None = None,
+                    check: Callable[[str], None] | None = None) -> None:
     """Resolve every arch ``PREFIX:NAME`` (e.g. ``tv:resnet18``) with ``resolver(NAME, k, c, s)``;
-    ``list_archs`` shows it as ``listed_as`` (default ``PREFIX:NAME``)."""
+    ``list_archs`` shows it as ``listed_as`` (default ``PREFIX:NAME``) and, for a pattern
+    ``PREFIX:GLOB``, the names ``lister(GLOB)`` returns (``PREFIX:NAME`` each); :func:`check_arch`
+    calls ``check(NAME)`` instead of building it."""
     _PREFIXES[prefix] = (resolver, listed_as or f"{prefix}:NAME")
+    if lister is not None:
+        _LISTERS[prefix] = lister
+    if check is not None:
+        _NAME_CHECKS[prefix] = check
 
 
 def _load() -> None:
@@ -98,12 +107,17 @@ def _load() -> None:
 
 def list_archs(pattern: str | None = None) -> list[str]:
     """Sorted registered names, each family's listed name and examples, and each prefix's form
-    (``tv:NAME``); with ``pattern``, only those matching it (fnmatch style, e.g. ``resnet*``)."""
+    (``tv:NAME``); with ``pattern``, only those matching it (fnmatch style, e.g. ``resnet*``), and
+    for ``PREFIX:GLOB`` (``tv:mobilenet*``) the library's matching names."""
     _load()
     out = set(_NAMES)
     for fam in _FAMILIES:
         out.update((fam.name, *fam.examples))
     out.update(listed for _, listed in _PREFIXES.values())
+    head, sep, glob = (pattern or "").partition(":")
+    for prefix, lister in _LISTERS.items():
+        if sep and fnmatch.fnmatchcase(prefix, head.lower()):
+            out.update(lister(glob))  # the library's names, e.g. tv:mobilenet_v3_small for 'tv:mobilenet*'
     names = sorted(out)
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern.lower())]
 
@@ -132,9 +146,19 @@ def build(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 3
     raise UsageError(f"--arch '{arch}': unknown architecture; expected one of {arch_help()}")
 
 
+#: Checks of prefixed names that need no build (a network's input size is not known yet).
+_NAME_CHECKS: dict[str, Callable[[str], None]] = {}
+
+
 def check_arch(arch: str) -> None:
     """Raise :class:`UsageError` now, before any data is loaded, when ``arch`` cannot be built
-    (an unknown name, bad family parameters): builds it for two classes and drops it."""
+    (an unknown name, bad family parameters): builds it for two classes and drops it. Prefixed
+    names registered with a ``check`` are only looked up (their input size is not known yet)."""
+    _load()
+    prefix, sep, rest = arch.strip().partition(":")
+    if sep and prefix.lower() in _NAME_CHECKS:
+        _NAME_CHECKS[prefix.lower()](rest)
+        return
     build(arch, 2)
 
 

@@ -20,7 +20,7 @@ from kdfine import detection
 from kdfine.data.noise import parse_noise
 from kdfine.errors import InputError, KdfineWarning, UsageError
 from kdfine.io import check_writable, is_special, read_stdin_path
-from kdfine.options import DataOptions, DetectOptions, EvalOptions, TrainConfig
+from kdfine.options import LABEL_LOSSES, LOSSES, DataOptions, DetectOptions, EvalOptions, TrainConfig, check_choice
 
 if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands that use them, so that
     # detect-noise (and `import kdfine.api`) never loads torch
@@ -63,6 +63,11 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
     from kdfine.models import build
 
     train, teachers = data.train, teachers or []
+    def make_model(seed: int) -> torch.nn.Module:  # seeded: the second network of coteach and dividemix
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build(arch, train.num_classes, train.in_channels, train.image_size)
+
     torch.manual_seed(cfg.seed)
     model = build(arch, train.num_classes, train.in_channels, train.image_size)
     teacher = None
@@ -77,7 +82,7 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
     state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
     result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=data.keep,
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
-                 log_path=log, reporter=reporter)
+                 log_path=log, reporter=reporter, make_model=make_model)
     final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
     if result.history:
         last = result.history[-1]
@@ -109,8 +114,10 @@ def _check_outputs(out: str, log: str | None) -> None:
 def train_teacher(out: str, *, arch: str = "cnn", data: DataOptions | None = None, cfg: TrainConfig | None = None,
                   device: str = "auto", log: str | None = None, resume: bool = False, force: bool = False,
                   quiet: bool = False) -> dict[str, Any]:
-    """Train ``arch`` on ``data`` with cross-entropy and write the checkpoint to ``out``."""
-    cfg = replace(cfg or TrainConfig(), loss="ce").validate()  # options first: nothing loaded yet
+    """Train ``arch`` on ``data`` with ``cfg.loss`` (ce, gce, sce) and ``cfg.fine_strategy``, and
+    write the checkpoint (the first network of a two-network strategy) to ``out``."""
+    cfg = (cfg or TrainConfig()).validate()  # options first: nothing loaded yet
+    check_choice(cfg.loss, LABEL_LOSSES, "train-teacher --loss")
     data = (data or DataOptions()).validate()
     from kdfine import distributed
     from kdfine.data.prepare import prepare
@@ -128,6 +135,9 @@ def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOp
             force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Distil one or more teachers (logits averaged) into a new ``arch`` student."""
     cfg = (cfg or TrainConfig(loss="mse")).validate()  # options first: nothing loaded yet
+    check_choice(cfg.loss, LOSSES, "distill --loss")
+    if cfg.fine_strategy != "select":
+        raise UsageError(f"--fine-strategy {cfg.fine_strategy} is for train-teacher; distill trains one student")
     data = (data or DataOptions()).validate()
     if not teachers:
         raise UsageError("distill needs at least one --teacher")

@@ -90,22 +90,34 @@ class TrainBatches:
         flips = (torch.rand(m, generator=g) < 0.5).to(self.device)
         b = min(self.batch_size, m)
         local = b // self.world_size
-        rows = torch.arange(self.h, device=self.device)
-        cols = torch.arange(self.w, device=self.device)
         for step in range(len(self)):
             lo = step * b + self.rank * local
             pos = slice(lo, lo + local)
             idx = order[pos]
-            x = self.images[idx]
-            if self.crop:
-                n, c = x.shape[0], x.shape[1]
-                r = (shifts[pos, 0:1] + rows).view(n, 1, self.h, 1).expand(n, c, self.h, x.shape[3])
-                x = x.gather(2, r)
-                q = (shifts[pos, 1:2] + cols).view(n, 1, 1, self.w).expand(n, c, self.h, self.w)
-                x = x.gather(3, q)
-            if self.flip:
-                x = torch.where(flips[pos].view(-1, 1, 1, 1), x.flip(3), x)
-            yield self.norm(x), self.labels[idx], idx
+            yield self._augment(idx, shifts[pos], flips[pos]), self.labels[idx], idx
+
+    def _augment(self, idx: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``idx`` (B,) cropped at ``shifts`` (B, 2) and flipped where ``flips`` (B,)."""
+        x = self.images[idx]
+        if self.crop:
+            n, c = x.shape[0], x.shape[1]
+            rows = torch.arange(self.h, device=self.device)
+            cols = torch.arange(self.w, device=self.device)
+            r = (shifts[:, 0:1] + rows).view(n, 1, self.h, 1).expand(n, c, self.h, x.shape[3])
+            x = x.gather(2, r)
+            q = (shifts[:, 1:2] + cols).view(n, 1, 1, self.w).expand(n, c, self.h, self.w)
+            x = x.gather(3, q)
+        if self.flip:
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
+        return self.norm(x)
+
+    def view(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Another augmentation of the images ``idx`` (B,), drawn from ``generator`` (on the CPU):
+        the second view that DivideMix averages its guesses over."""
+        n = idx.shape[0]
+        shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).to(self.device)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(self.device)
+        return self._augment(idx, shifts, flips)
 
 
 def eval_batches(images: np.ndarray | torch.Tensor, mean, std, *, batch_size: int, device: torch.device,

@@ -291,8 +291,7 @@ def train_teacher(
     arch: ArchOpt = "cnn", device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
     log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Train a classifier (a teacher) on the labels; print the checkpoint path. Noisy labels: --loss gce|sce,
-    --fine-strategy select|coteach|dividemix with --fine-every.
+    """Train a classifier (a teacher); print the checkpoint path. Noisy labels: --loss gce|sce, --fine-strategy.
 
     Example: kdfine train-teacher --data cifar10 --arch wrn-28-4 --label-noise sym:0.4 --out teacher.safetensors
     """

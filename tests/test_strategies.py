@@ -106,7 +106,8 @@ def test_bad_strategy_options_are_one_line_usage_errors(cli, tmp_path):
 def test_two_network_run_resumes_bit_identically_after_sigkill(tmp_path, name):
     """SIGKILL inside epoch 3 (selections before epochs 2 and 3), --resume, the same weights as an
     uninterrupted run: both networks, both optimizers and both selections come back."""
-    args = [*NOISE, "--fine-strategy", name, "--fine-warmup", "1", "--fine-every", "1"]
+    # test_resume's command with --arch mlp (the last --arch wins): two networks of its cnn are too slow
+    args = [*NOISE, "--arch", "mlp", "--fine-strategy", name, "--fine-warmup", "1", "--fine-every", "1"]
     ref_out, out, log = tmp_path / "ref.safetensors", tmp_path / "run.safetensors", tmp_path / "run.jsonl"
     with ThreadPoolExecutor(2) as pool:
         ref = pool.submit(run_cli, *RESUME_BASE, *args, "--out", ref_out, env=ENV, timeout=TIMEOUT)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdfine.strategies.base import TrainSetup
 from kdfine.strategies.pair import TwoNetworks, index_tensor
 from kdfine.strategies.select import fine_round, selects_at
 
@@ -18,7 +19,7 @@ class CoteachStrategy(TwoNetworks):
     """Records ``fine_*`` for network 1's training set (network 2's selection) and ``fine2_*`` for
     network 2's."""
 
-    def __init__(self, s):
+    def __init__(self, s: TrainSetup):
         super().__init__(s)
         self.own: list[np.ndarray] | None = None  # own[i]: network i's selection (trains network 1 - i)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from kdfine import distributed
 from kdfine.data.batches import epoch_seed
 from kdfine.device import autocast
-from kdfine.strategies.base import batch_loss, optimise
+from kdfine.strategies.base import TrainSetup, batch_loss, optimise
 from kdfine.strategies.pair import TwoNetworks, copy_loader, index_tensor, interleave
 from kdfine.strategies.select import fine_round, selection_record, selects_at
 
@@ -71,7 +71,7 @@ class DivideMixStrategy(TwoNetworks):
     """Records ``fine_*`` for network 1's labelled set (from network 2's split) and ``fine2_*`` for
     network 2's."""
 
-    def __init__(self, s):
+    def __init__(self, s: TrainSetup):
         super().__init__(s)
         self.labelled: list[np.ndarray] | None = None  # labelled[i]: network i's labelled set
         self.p_clean: list[np.ndarray] | None = None  # p_clean[i]: network i's split (per universe row)

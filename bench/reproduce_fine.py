@@ -9,7 +9,11 @@ For each dataset and label noise (sym 20/50/80%, asym 40% by default):
     (``detect-noise --method small-loss``, DivideMix style): clean-set precision, recall, F1 and
     the AUROC of the score for finding the wrong labels;
 (b) test accuracy of CE on the noisy labels (the same model), CE retrained on FINE's selection
-    (``train-teacher --keep``), and dynamic FINE (``train-teacher --fine-warmup W --fine-every E``).
+    (``train-teacher --keep``), dynamic FINE (``--fine-strategy select --fine-warmup W --fine-every
+    E``), F-Coteaching (``--fine-strategy coteach``, same W and E), F-DivideMix (``--fine-strategy
+    dividemix``, warm-up W, a split every epoch), GCE alone (``--loss gce``) and dynamic FINE with
+    GCE (``select`` + ``gce``). Two-network rows report the first network (the checkpoint) and
+    the ensemble of both.
 
 Scales:
   quick        digits (embedded), a small CNN: minutes on a CPU.
@@ -55,6 +59,15 @@ NOISES = ("sym:0.2", "sym:0.5", "sym:0.8", "asym:0.4")
 # Published test accuracy (%) of FINE (dynamic selection, CE, ResNet-34) in the paper's table.
 PUBLISHED = {("cifar10", "sym:0.8"): 69.4, ("cifar10", "asym:0.4"): 89.5,
              ("cifar100", "sym:0.8"): 25.6, ("cifar100", "asym:0.4"): 61.7}
+# F-Coteaching (ResNet-34) in the same paper; numbers quoted in kdfine's issue 14, not checked here.
+PUBLISHED_COTEACH = {("cifar10", "sym:0.8"): 74.2, ("cifar10", "asym:0.4"): 90.5}
+# the strategy rows beyond select: name -> the train-teacher options (W, E: the setup's warm-up and period)
+STRATEGY_ROWS = {
+    "coteach": lambda s: ["--fine-strategy", "coteach", "--fine-warmup", s.warmup, "--fine-every", s.every],
+    "dividemix": lambda s: ["--fine-strategy", "dividemix", "--fine-warmup", s.warmup, "--fine-every", 1],
+    "gce": lambda s: ["--loss", "gce"],
+    "select_gce": lambda s: ["--loss", "gce", "--fine-warmup", s.warmup, "--fine-every", s.every],
+}
 
 
 @dataclass
@@ -74,7 +87,7 @@ class Setup:
 
 def setups(args: argparse.Namespace, out: Path) -> list[Setup]:
     if args.scale == "quick":
-        return [Setup("digits", "digits", "cnn", 30, [], warmup=10, every=5)]
+        return [Setup("digits", "digits", args.arch or "cnn", args.epochs or 30, [], warmup=args.warmup or 10, every=5)]
     if args.scale == "cifar10-cpu":
         root = cifar_root(args, out)
         keep = balanced_subset(root, out / "subset.csv", per_class=args.per_class)
@@ -160,8 +173,8 @@ def note(msg: str) -> None:
 class Runner:
     """Runs ``kdfine`` subcommands in subprocesses, logs each command, skips finished steps."""
 
-    def __init__(self, out: Path, device: str, dry_run: bool = False):
-        self.out, self.device, self.dry_run = out, device, dry_run
+    def __init__(self, out: Path, device: str, dry_run: bool = False, rows: tuple[str, ...] = ()):
+        self.out, self.device, self.dry_run, self.rows = out, device, dry_run, rows
         self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.times_path = out / "times.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
@@ -236,6 +249,10 @@ def run_cell(run: Runner, s: Setup, noise: str, device: str, scale: str) -> dict
     run.kdfine(f"{key}/dynamic", d / "dynamic.safetensors", "train-teacher", *base, *subset,
                "--fine-warmup", str(s.warmup), "--fine-every", str(s.every), "--log", d / "dynamic.jsonl",
                "--out", d / "dynamic.safetensors", "-q")
+    # (b4) FINE's other applications and the noise-robust loss
+    for name in run.rows:
+        run.kdfine(f"{key}/{name}", d / f"{name}.safetensors", "train-teacher", *base, *subset,
+                   *STRATEGY_ROWS[name](s), "--log", d / f"{name}.jsonl", "--out", d / f"{name}.safetensors", "-q")
     if run.dry_run:
         return None
     return result_row(run, s, noise, d, scale)
@@ -244,9 +261,10 @@ def run_cell(run: Runner, s: Setup, noise: str, device: str, scale: str) -> dict
 def result_row(run: Runner, s: Setup, noise: str, d: Path, scale: str) -> dict[str, Any]:
     from kdfine.checkpoint import read_meta
 
-    def acc(name: str) -> float:
+    def acc(name: str, key: str = "test_top1") -> float | None:
         m = read_meta(d / f"{name}.safetensors")["metrics"]
-        return round(100 * float((json.loads(m) if isinstance(m, str) else m)["test_top1"]), 2)
+        v = (json.loads(m) if isinstance(m, str) else m).get(key)
+        return None if v is None else round(100 * float(v), 2)
 
     def detection(name: str) -> dict[str, Any]:
         doc = json.loads((d / f"{name}.json").read_text())
@@ -262,10 +280,14 @@ def result_row(run: Runner, s: Setup, noise: str, d: Path, scale: str) -> dict[s
         "scale": scale, "dataset": s.name, "noise": noise, "arch": s.arch, "epochs": s.epochs,
         "n_train": fine_doc["n"], "true_noise_rate": round(fine_doc.get("truth", {}).get("true_noise_rate", 0.0), 4),
         "fine": detection("fine"), "small_loss": detection("small_loss"),
-        "acc": {"ce_noisy": acc("ce"), "ce_fine_selection": acc("retrain"), "dynamic_fine": acc("dynamic")},
+        "acc": {"ce_noisy": acc("ce"), "ce_fine_selection": acc("retrain"), "dynamic_fine": acc("dynamic"),
+                **{name: acc(name) for name in run.rows},
+                **{f"{name}_ensemble": acc(name, "test_top1_ensemble") for name in run.rows
+                   if name in ("coteach", "dividemix")}},
         "dynamic_last_selection": {k[5:]: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()
                                    if k.startswith("fine_")},
         "published_fine": PUBLISHED.get((s.name, noise)),
+        "published_coteach": PUBLISHED_COTEACH.get((s.name, noise)),
         "seconds": {k.rsplit("/", 1)[1]: v for k, v in run.times.items() if k.startswith(key + "/")},
     }
 
@@ -295,18 +317,24 @@ def markdown(rows: list[dict[str, Any]], scale: str) -> str:
         f, s = r["fine"], r["small_loss"]
         lines.append(f"| {r['dataset']} | {r['noise']} | {fmt(r['true_noise_rate'], True)} | {prf(f)} | "
                      f"{fmt(f.get('auroc'))} | {prf(s)} | {fmt(s.get('auroc'))} | {prf(r['dynamic_last_selection'])} |")
-    head = "| data | noise | arch, epochs | CE on noisy labels | CE on FINE's selection | dynamic FINE |"
-    sep = "|---|---|---|---:|---:|---:|"
+    extra = [k for k in STRATEGY_ROWS if rows and k in rows[0]["acc"]]
+    titles = {"coteach": "F-Coteaching (ens.)", "dividemix": "F-DivideMix (ens.)", "gce": "GCE",
+              "select_gce": "select + GCE"}
+    head = ("| data | noise | arch, epochs | CE on noisy labels | CE on FINE's selection | select (dynamic FINE) |"
+            + "".join(f" {titles[k]} |" for k in extra))
+    sep = "|---|---|---|---:|---:|---:|" + "---:|" * len(extra)
     if paper:
-        head += " FINE, published |"
-        sep += "---:|"
-    lines += ["", "(b) Test accuracy (%), final epoch.", "", head, sep]
+        head += " FINE, published | F-Coteaching, published |"
+        sep += "---:|---:|"
+    lines += ["", "(b) Test accuracy (%), final epoch; two-network rows: the first network (the checkpoint), "
+              "the ensemble of both in brackets.", "", head, sep]
     for r in rows:
         a = r["acc"]
+        cells = [fmt(a[k]) + (f" ({fmt(a[k + '_ensemble'])})" if k + "_ensemble" in a else "") for k in extra]
         line = (f"| {r['dataset']} | {r['noise']} | {r['arch']}, {r['epochs']} | {a['ce_noisy']:.2f} | "
-                f"{a['ce_fine_selection']:.2f} | {a['dynamic_fine']:.2f} |")
+                f"{a['ce_fine_selection']:.2f} | {a['dynamic_fine']:.2f} |" + "".join(f" {c} |" for c in cells))
         if paper:
-            line += f" {fmt(r['published_fine'])} |"
+            line += f" {fmt(r['published_fine'])} | {fmt(r['published_coteach'])} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -326,15 +354,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--archive", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
                    help="cifar10-cpu: the CIFAR-10 JPEG archive to extract when there is no tree")
     p.add_argument("--per-class", type=int, default=1000, help="cifar10-cpu: training images per class")
-    p.add_argument("--arch", help="cifar10-cpu: architecture [default: resnet20]")
-    p.add_argument("--epochs", type=int, help="cifar10-cpu: epochs [default: 10]")
-    p.add_argument("--warmup", type=int, help="cifar10-cpu: dynamic FINE warm-up epochs [default: 4]")
+    p.add_argument("--arch", help="quick, cifar10-cpu: architecture [default: cnn, resnet20]")
+    p.add_argument("--epochs", type=int, help="quick, cifar10-cpu: epochs [default: 30, 10]")
+    p.add_argument("--warmup", type=int, help="quick, cifar10-cpu: FINE warm-up epochs [default: 10, 4]")
+    p.add_argument("--rows", default=",".join(STRATEGY_ROWS),
+                   help="strategy rows beyond CE, retrain and select; '' for none [default: %(default)s]")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = p.parse_args(argv)
     out = (args.out or ROOT / "runs" / f"fine-{args.scale}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/reproduce_fine.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    run = Runner(out, args.device, args.dry_run)
+    rows_wanted = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    unknown = [r for r in rows_wanted if r not in STRATEGY_ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {', '.join(unknown)}; expected some of {', '.join(STRATEGY_ROWS)}")
+    run = Runner(out, args.device, args.dry_run, rows_wanted)
     rows = []
     t0 = time.perf_counter()
     for s in setups(args, out):

@@ -20,7 +20,8 @@ from kdfine import detection
 from kdfine.data.noise import parse_noise
 from kdfine.errors import InputError, KdfineWarning, UsageError
 from kdfine.io import check_writable, is_special, read_stdin_path
-from kdfine.options import DataOptions, DetectOptions, EvalOptions, ModelOptions, TrainConfig
+from kdfine.options import (LABEL_LOSSES, LOSSES, DataOptions, DetectOptions, EvalOptions, ModelOptions, TrainConfig,
+                            check_choice)
 
 if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands that use them, so that
     # detect-noise (and `import kdfine.api`) never loads torch
@@ -77,10 +78,18 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     arch = arch or DEFAULT_ARCH[stage][data.train.image_size >= LARGE_INPUT]
     data = _with_weights_stats(data, arch, model_opts)
     train, teachers = data.train, teachers or []
+
+    def make(seed: int) -> tuple[torch.nn.Module, str | None]:
+        """The network and where its weights came from; seeded, so that the second network of
+        coteach and dividemix is built like the first from another seed."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return initial_model(arch, train.num_classes, train.in_channels, train.image_size,
+                                 pretrained=model_opts.pretrained, init=model_opts.init,
+                                 freeze=model_opts.freeze_backbone)
+
     torch.manual_seed(cfg.seed)
-    model, init = initial_model(arch, train.num_classes, train.in_channels, train.image_size,
-                                pretrained=model_opts.pretrained, init=model_opts.init,
-                                freeze=model_opts.freeze_backbone)
+    model, init = make(cfg.seed)
     teacher = None
     if teachers:
         teacher = TeacherEnsemble([t.model.to(ctx.device) for t in teachers],
@@ -93,7 +102,7 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
     result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=data.keep,
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
-                 log_path=log, reporter=reporter)
+                 log_path=log, reporter=reporter, make_model=lambda seed: make(seed)[0])
     final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
     if result.history:
         last = result.history[-1]
@@ -160,9 +169,11 @@ def train_teacher(out: str, *, arch: str | None = None, data: DataOptions | None
                   cfg: TrainConfig | None = None, model: ModelOptions | None = None, device: str = "auto",
                   log: str | None = None, resume: bool = False, force: bool = False,
                   quiet: bool = False) -> dict[str, Any]:
-    """Train ``arch`` on ``data`` with cross-entropy and write the checkpoint to ``out``. Without
+    """Train ``arch`` on ``data`` with ``cfg.loss`` (ce, gce, sce) and ``cfg.fine_strategy``, and
+    write the checkpoint (the first network of a two-network strategy) to ``out``. Without
     ``arch``, ``cnn`` for images under 64 px and ``tv:resnet18`` from 64 px on."""
-    cfg = replace(cfg or TrainConfig(), loss="ce").validate()  # options first: nothing loaded yet
+    cfg = (cfg or TrainConfig()).validate()  # options first: nothing loaded yet
+    check_choice(cfg.loss, LABEL_LOSSES, "train-teacher --loss")
     data = (data or DataOptions()).validate()
     arch, data, model = _model_options(arch, data, model, "teacher")
     from kdfine import distributed
@@ -180,6 +191,9 @@ def distill(out: str, teachers: list[str], *, arch: str | None = None, data: Dat
     """Distil one or more teachers (logits averaged) into a new ``arch`` student. Without ``arch``,
     ``cnn-16`` for images under 64 px and ``tv:mobilenet_v3_small`` from 64 px on."""
     cfg = (cfg or TrainConfig(loss="mse")).validate()  # options first: nothing loaded yet
+    check_choice(cfg.loss, LOSSES, "distill --loss")
+    if cfg.fine_strategy != "select":
+        raise UsageError(f"--fine-strategy {cfg.fine_strategy} is for train-teacher; distill trains one student")
     data = (data or DataOptions()).validate()
     if not teachers:
         raise UsageError("distill needs at least one --teacher")

@@ -24,8 +24,8 @@ import typer
 
 import kdfine
 from kdfine.errors import EXIT_INPUT, EXIT_INTERRUPTED, KdfineError
-from kdfine.options import (P_DEVICE, P_OUT, P_TRAIN, DataOptions, DetectOptions, EvalOptions, Flag, ModelOptions,
-                            TrainConfig)
+from kdfine.options import (P_DEVICE, P_OUT, P_TRAIN, TEACHER_LOSS_FLAG, TEACHER_ONLY, DataOptions, DetectOptions,
+                            EvalOptions, Flag, ModelOptions, TrainConfig)
 
 app = typer.Typer(
     name="kdfine",
@@ -70,9 +70,8 @@ ArchOpt = Annotated[Optional[str], typer.Option(
     rich_help_panel=P_TRAIN)]
 
 
-def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
+def _option_param(name: str, meta: Flag, hint: Any, default: Any) -> inspect.Parameter:
     """A command parameter declared by the metadata of an option-dataclass field."""
-    meta: Flag = f.metadata["cli"]
     typ = hint
     if meta.choices is not None:
         typ = Literal[tuple(meta.choices())]  # Typer shows, completes and checks the library's own list
@@ -85,13 +84,14 @@ def _option_param(name: str, f: dataclasses.Field, hint: Any, default: Any) -> i
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[typ, info])
 
 
-def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None, **groups: type) -> Callable:
+def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
+          flags: dict[str, Flag] | None = None, **groups: type) -> Callable:
     """Add the fields of option dataclasses to a command: ``@takes(data=DataOptions,
     cfg=TrainConfig)`` gives the command every field as an option and calls it with
     ``data=DataOptions(...)`` and ``cfg=TrainConfig(...)``. ``exclude`` names fields the command
     does not take (they keep their dataclass defaults, or ``defaults``); ``defaults`` overrides a
-    field's default for this command."""
-    defaults = defaults or {}
+    field's default for this command; ``flags`` its declaration (another help, other choices)."""
+    defaults, flags = defaults or {}, flags or {}
 
     def decorate(fn: Callable) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
@@ -106,7 +106,8 @@ def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
                 if f.name in added or any(p.name == f.name for p in own):
                     raise TypeError(f"{fn.__name__}: option {f.name} declared twice")
                 added[f.name] = (group, f.name)
-                params.append(_option_param(f.name, f, hints[f.name], defaults.get(f.name, f.default)))
+                params.append(_option_param(f.name, flags.get(f.name, f.metadata["cli"]), hints[f.name],
+                                            defaults.get(f.name, f.default)))
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -286,14 +287,14 @@ def _training_done(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
 
 @app.command("train-teacher", rich_help_panel=TRAIN)
 @command
-@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, exclude=("loss", "tau", "alpha"))
+@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, exclude=("tau", "alpha"), flags={"loss": TEACHER_LOSS_FLAG})
 def train_teacher(
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).", rich_help_panel=P_OUT)],
     data: DataOptions, cfg: TrainConfig, model: ModelOptions,
     arch: ArchOpt = None, device: DeviceOpt = "auto", resume: ResumeOpt = False, force: ForceOpt = False,
     log: LogOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Train a classifier (a teacher) with cross-entropy; print the checkpoint path.
+    """Train a classifier (a teacher); print the checkpoint path. Noisy labels: --loss gce|sce, --fine-strategy.
 
     Example: kdfine train-teacher --data cifar10 --arch wrn-28-4 --label-noise sym:0.4 --out teacher.safetensors
     """
@@ -306,7 +307,7 @@ def train_teacher(
 
 @app.command("distill", rich_help_panel=TRAIN)
 @command
-@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, defaults={"loss": "mse"})
+@takes(data=DataOptions, cfg=TrainConfig, model=ModelOptions, defaults={"loss": "mse"}, exclude=TEACHER_ONLY)
 def distill(
     teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint; repeat for an ensemble "
                                                "(logits averaged); '-' reads the path from stdin.",

@@ -109,18 +109,20 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         selection: np.ndarray | None = None, truth: np.ndarray | None = None,
         state_file: Path | None = None, resume: bool = False, force: bool = False,
         run_config: dict[str, Any] | None = None, log_path: str | None = None,
-        reporter: Reporter | None = None) -> FitResult:
+        reporter: Reporter | None = None, make_model: Callable[[int], nn.Module] | None = None) -> FitResult:
     """Train ``model`` in place on ``train`` (labels as given, noisy or not) and return it with the
     per-epoch history and final test metrics.
 
     selection: dataset indices to train on (``--keep``); truth: true labels (N,), only to report
     the quality of dynamic FINE selections; state_file: per-epoch resume state (rank 0 writes it),
     read back when ``resume`` (``force``: even when ``run_config`` differs from the saved one);
-    log_path: one JSON line per epoch (rank 0).
+    log_path: one JSON line per epoch (rank 0); make_model(seed): a new network of ``model``'s
+    architecture (the second network of ``--fine-strategy coteach|dividemix``).
     """
     cfg.validate()
     reporter = reporter or Reporter(enabled=distributed.context().is_main)
     setup = _setup(model, train, cfg, device, teacher, selection, truth)
+    setup.make_model = make_model
     run = _Run(cfg, setup, build_strategy(setup), test, reporter, state_file, dict(run_config or {}),
                parse_schedule(cfg.schedule, cfg.epochs), log_path=log_path)
     start, history = _restore(run, resume, force)
@@ -212,6 +214,8 @@ def _finish_epoch(run: _Run, epoch: int, rec: dict[str, Any], history: list[dict
     if run.test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
         m = _evaluate(run)
         rec.update(test_acc=m["top1"], test_nll=m["nll"])
+        # two-network strategies: each network's and the ensemble's accuracy (top1_net2, top1_ensemble)
+        rec.update({f"test_acc_{k[5:]}": v for k, v in m.items() if k.startswith("top1_")})
         last = m if epoch + 1 == cfg.epochs else {}
     history.append(rec)
     run.reporter.close()
@@ -233,8 +237,7 @@ def _save(run: _Run, epoch: int, history: list[dict[str, Any]]) -> None:
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
-    s = run.setup
-    return evaluate(run.strategy.models[0], run.test, s.device, s.precision, s.channels_last)
+    return run.strategy.evaluate(run.test)
 
 
 def _open_log(log_path: str | None, history: list[dict[str, Any]]) -> TextIO | None:

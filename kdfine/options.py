@@ -21,11 +21,16 @@ from kdfine.errors import UsageError
 
 SPLITS = ("train", "test")
 SCHEDULES = ("multistep", "multistep:E1,E2,...", "cosine", "constant")
-LOSSES = ("ce", "kl", "mse", "kl-inf")  # kdfine.losses implements exactly these (a test checks)
+LOSSES = ("ce", "kl", "mse", "kl-inf")  # distill --loss; kdfine.losses implements exactly these (a test checks)
+LABEL_LOSSES = ("ce", "gce", "sce")  # train-teacher --loss: on the labels alone, noise-robust or not
+STRATEGIES = ("select", "coteach", "dividemix")  # --fine-strategy: FINE's three applications
+# TrainConfig fields that only train-teacher takes (distill has a teacher, one network and --loss from LOSSES)
+TEACHER_ONLY = ("fine_strategy", "gce_q", "sce_alpha", "sce_beta", "ssl_lambda_u", "ssl_threshold", "ssl_alpha",
+                "ssl_temperature")
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds; larger values would wrap silently
 
-P_DATA, P_TRAIN, P_OUT, P_FINE, P_DEVICE, P_DETECT = (
-    "Data", "Training", "Output", "Dynamic FINE selection", "Device", "Detection")
+P_DATA, P_TRAIN, P_OUT, P_FINE, P_DEVICE, P_DETECT, P_SSL = (
+    "Data", "Training", "Output", "Dynamic FINE selection", "Device", "Detection", "F-DivideMix")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,14 @@ def _losses() -> Sequence[str]:
     return LOSSES
 
 
+def _label_losses() -> Sequence[str]:
+    return LABEL_LOSSES
+
+
+def _strategies() -> Sequence[str]:
+    return STRATEGIES
+
+
 def _methods() -> Sequence[str]:
     from kdfine.fine import METHODS
 
@@ -68,6 +81,12 @@ def _augmentations() -> Sequence[str]:
     from kdfine.data.sources import AUGMENTATIONS
 
     return AUGMENTATIONS
+
+
+# train-teacher's --loss: the TrainConfig field ``loss`` with the label losses as its choices
+TEACHER_LOSS_FLAG = Flag("--loss", "Loss on the labels: ce, gce (generalized CE, --gce-q) or sce (symmetric CE, "
+                         "--sce-alpha, --sce-beta); alone or with any --fine-strategy.", P_TRAIN,
+                         choices=_label_losses)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -203,6 +222,19 @@ class TrainConfig:
     fine_zeta: float = opt(0.5, "--fine-zeta", "Keep samples with P(clean) above this.", panel=P_FINE)
     fine_method: str = opt("gmm", "--fine-method", "Mixture of the FINE split.", panel=P_FINE,
                            choices=lambda: ("gmm", "kmeans"))
+    fine_strategy: str = opt("select", "--fine-strategy", "select: train on FINE's selection; coteach: two "
+                             "networks, each trained on the other's selection; dividemix: two networks, "
+                             "semi-supervised on the other's split (needs --fine-every).", panel=P_FINE,
+                             choices=_strategies)
+    gce_q: float = opt(0.7, "--gce-q", "GCE's exponent q in (0, 1] (--loss gce).", panel=P_TRAIN)
+    sce_alpha: float = opt(0.1, "--sce-alpha", "SCE's weight of CE (--loss sce).", panel=P_TRAIN)
+    sce_beta: float = opt(1.0, "--sce-beta", "SCE's weight of reverse CE (--loss sce).", panel=P_TRAIN)
+    ssl_lambda_u: float = opt(25.0, "--ssl-lambda-u", "Weight of the unlabelled (MSE) term, ramped up over 16 "
+                              "epochs after the warm-up.", panel=P_SSL)
+    ssl_threshold: float = opt(0.5, "--ssl-threshold", "Labelled when FINE's p_clean is above this.", panel=P_SSL)
+    ssl_alpha: float = opt(4.0, "--ssl-alpha", "Mixup Beta(alpha, alpha) parameter.", panel=P_SSL)
+    ssl_temperature: float = opt(0.5, "--ssl-temperature", "Sharpening temperature of the guessed labels.",
+                                 panel=P_SSL)
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 0:
@@ -220,11 +252,26 @@ class TrainConfig:
             raise UsageError("--fine-every and --fine-warmup must be >= 0")
         check_zeta(self.fine_zeta, "--fine-zeta")
         check_choice(self.fine_method, ("gmm", "kmeans"), "--fine-method")
-        check_choice(self.loss, _losses(), "--loss")
+        check_choice(self.loss, tuple(dict.fromkeys(LOSSES + LABEL_LOSSES)), "--loss")
+        self._validate_strategy()
         check_number(self.tau, "--tau", low=0.0, low_open=True)
         check_number(self.alpha, "--alpha", low=0.0, high=1.0)
         parse_schedule(self.schedule, self.epochs)
         return self
+
+    def _validate_strategy(self) -> None:
+        """--fine-strategy and the options of the noise-robust losses and of F-DivideMix."""
+        check_choice(self.fine_strategy, STRATEGIES, "--fine-strategy")
+        if self.fine_strategy != "select" and self.fine_every < 1:
+            raise UsageError(f"--fine-strategy {self.fine_strategy}: re-selects every --fine-every epochs after "
+                             "--fine-warmup; give --fine-every N (N >= 1; F-DivideMix's recipe is 1)")
+        check_number(self.gce_q, "--gce-q", low=0.0, low_open=True, high=1.0)
+        check_number(self.sce_alpha, "--sce-alpha", low=0.0)
+        check_number(self.sce_beta, "--sce-beta", low=0.0)
+        check_number(self.ssl_lambda_u, "--ssl-lambda-u", low=0.0)
+        check_number(self.ssl_threshold, "--ssl-threshold", low=0.0, high=1.0, high_open=True)
+        check_number(self.ssl_alpha, "--ssl-alpha", low=0.0, low_open=True)
+        check_number(self.ssl_temperature, "--ssl-temperature", low=0.0, low_open=True, high=1.0)
 
 
 # ------------------------------------------------------------------------------------ weights

@@ -45,12 +45,13 @@ class Reporter:
             return
         parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['loss']:.4f}", f"train {100 * rec['train_acc']:.1f}%"]
         if "test_acc" in rec:
-            parts.append(f"test {100 * rec['test_acc']:.2f}%")
-        if "fine_kept" in rec:
-            s = f"FINE kept {rec['fine_kept']}/{rec['fine_total']}"
-            if "fine_precision" in rec:
-                s += f" (P {rec['fine_precision']:.3f} R {rec['fine_recall']:.3f})"
+            s = f"test {100 * rec['test_acc']:.2f}%"
+            if "test_acc_net2" in rec:  # two networks: both, and their averaged prediction
+                s += f" / {100 * rec['test_acc_net2']:.2f}% (ensemble {100 * rec['test_acc_ensemble']:.2f}%)"
             parts.append(s)
+        sel = [_selection(rec, p) for p in ("fine", "fine2") if f"{p}_kept" in rec]
+        if sel:
+            parts.append("FINE kept " + " / ".join(sel))
         parts += [f"{rec['img_per_s']:.0f} img/s", f"{rec['time_s']:.1f}s"]
         self.print("  ".join(parts))
 
@@ -63,3 +64,10 @@ class Reporter:
             self.progress.stop()
             self.progress = None
             self.task = None
+
+
+def _selection(rec: dict[str, Any], prefix: str) -> str:
+    s = f"{rec[prefix + '_kept']}/{rec[prefix + '_total']}"
+    if f"{prefix}_precision" in rec:
+        s += f" (P {rec[prefix + '_precision']:.3f} R {rec[prefix + '_recall']:.3f})"
+    return s

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kdfine.errors import UsageError
-from kdfine.options import DataOptions, DetectOptions, EvalOptions, TrainConfig, parse_schedule
+from kdfine.options import TEACHER_ONLY, DataOptions, DetectOptions, EvalOptions, TrainConfig, parse_schedule
 
 # (arguments, a fragment of the one error line): each must exit 2 before torch is even imported,
 # so certainly before any data is read or any model built
@@ -88,7 +88,7 @@ def test_train_teacher_and_distill_share_one_declaration():
     group = typer.main.get_command(app)
     opts = {name: {p.name: p.opts for p in group.commands[name].params} for name in ("train-teacher", "distill")}
     for f in dataclasses.fields(TrainConfig):
-        if "cli" in f.metadata and f.name not in ("loss", "tau", "alpha"):
+        if "cli" in f.metadata and f.name not in ("loss", "tau", "alpha") + TEACHER_ONLY:
             assert opts["train-teacher"][f.name] == opts["distill"][f.name] == [f.metadata["cli"].flag.split("/")[0]]
 
 

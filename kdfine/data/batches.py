@@ -186,6 +186,16 @@ class TrainBatches:
             x = torch.where(d.flips[pos].view(-1, 1, 1, 1), x.flip(3), x)
         return self.norm(x)
 
+    def view(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Another augmentation of the images ``idx`` (B,) held on the device, drawn from
+        ``generator`` (on the CPU): the second view that DivideMix averages its guesses over."""
+        n = idx.shape[0]
+        shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).to(self.device)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(self.device)
+        boxes = rrc_boxes(n, self.h, self.w, generator).to(self.device) if self.rrc else None
+        d = EpochDraws(idx.cpu(), idx, shifts, flips, boxes)
+        return self.augment(self.images[idx], d, slice(0, n))
+
 
 class StreamBatches(TrainBatches):
     """:class:`TrainBatches` for data that stays on disk: the same draws and the same on-device
@@ -204,6 +214,10 @@ class StreamBatches(TrainBatches):
     def _hold(self, images: np.ndarray):
         advise_random(images)
         return images
+
+    def view(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise UsageError("--fine-strategy dividemix draws second views of any training image at any time; "
+                         "it needs the training set in memory (--no-stream)")
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         d = self.draws(epoch)

@@ -1,0 +1,145 @@
+"""The interface between the epoch loop of :func:`kdfine.engine.fit` and a training method, and
+the pieces every strategy uses: the setup, SGD, DDP wrapping, the loss of one batch, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdfine import distributed, metrics
+from kdfine.data.sources import ArrayDataset
+from kdfine.features import extract
+from kdfine.losses import LABEL_LOSSES, kd_loss, label_loss
+
+
+@dataclass
+class TrainSetup:
+    """What every strategy is built from: the options (a ``TrainConfig``), the data and the device
+    policy that :func:`kdfine.engine.fit` resolved. ``selection``: ``--keep`` indices or None;
+    ``truth``: true labels (N,) or None, only to report the quality of FINE selections;
+    ``make_model(seed)``: a new network of the same architecture (two-network strategies)."""
+
+    cfg: Any
+    model: nn.Module
+    train: ArrayDataset
+    device: torch.device
+    precision: str
+    teacher_precision: str
+    channels_last: bool
+    teacher: nn.Module | None = None
+    selection: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    make_model: Callable[[int], nn.Module] | None = None
+
+
+class Strategy:
+    """The interface between the epoch loop and a training method.
+
+    ``models[0]`` is the network the checkpoint holds; ``optimizers``' learning rates follow the
+    schedule (the loop sets them before every step). Per epoch the loop calls
+    :meth:`begin_epoch`, then :meth:`train_step` for each batch of :meth:`batches`, then
+    :meth:`evaluate` when the test set is due."""
+
+    setup: TrainSetup
+    models: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+
+    def begin_epoch(self, epoch: int) -> dict[str, Any]:
+        """Work before epoch ``epoch`` (0-based), e.g. re-selection; returns fields for its record."""
+        return {}
+
+    def steps(self) -> int:
+        """Batches in the coming epoch."""
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        """The batches of epoch ``epoch``, in a seeded order."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on ``batch``: (loss, logits (B, K), labels (B,)) for the record."""
+        raise NotImplementedError
+
+    def evaluate(self, test: ArrayDataset) -> dict[str, float]:
+        """Test metrics of ``models[0]`` (``metrics.classification``); two-network strategies add
+        ``top1_net2`` and ``top1_ensemble``, which the loop records as ``test_acc_net2`` and
+        ``test_acc_ensemble``."""
+        return metrics.classification(test_logits(self.setup, self.models[0], test), test.labels)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The strategy's own tensors for the resume state (networks and optimizers are saved by
+        the loop)."""
+        return {}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what :meth:`state` saved."""
+
+    def selection(self) -> np.ndarray | None:
+        """The training indices that the result reports (None: the whole training set)."""
+        return None
+
+    def close(self) -> None:
+        """Drop the training wrappers (``net``, ``nets``) when the loop ends, however it ends: a
+        DDP wrapper holds the process group through its reducer, and a traceback that keeps this
+        strategy alive must not keep the group from being destroyed (torchrun's exit). The
+        networks themselves (``models``) stay."""
+        for name in ("net", "nets"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+
+
+def test_logits(s: TrainSetup, model: nn.Module, data: ArrayDataset) -> np.ndarray:
+    """Logits (N, K) of ``model`` on ``data``, normalised with the statistics ``data`` carries."""
+    _, logits = extract(model, data.images, data.mean, data.std, device=s.device, precision=s.precision,
+                        channels_last=s.channels_last, features=False)
+    return logits
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights only (not on BatchNorm parameters or biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def sgd(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (when momentum > 0), no weight decay on BatchNorm and biases."""
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.momentum > 0)
+
+
+def for_training(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
+    """``model`` as the step calls it: DistributedDataParallel under torchrun, compiled on request."""
+    net = model
+    if distributed.context().distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        import logging
+
+        # torch's C++ builder logs a CUDA_HOME notice on machines without CUDA: noise, not a problem
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        net = torch.compile(net)
+    return net
+
+
+def batch_loss(cfg: Any, logits: torch.Tensor, labels: torch.Tensor,
+               teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one batch: a label loss (``--loss ce|gce|sce``) without a teacher, the
+    distillation loss with one. labels: (B,) int64 or soft targets (B, K)."""
+    if teacher_logits is None and cfg.loss in LABEL_LOSSES:
+        return label_loss(logits, labels, loss=cfg.loss, gce_q=cfg.gce_q, sce_alpha=cfg.sce_alpha,
+                          sce_beta=cfg.sce_beta)
+    return kd_loss(logits, teacher_logits, labels, loss=cfg.loss, tau=cfg.tau, alpha=cfg.alpha)
+
+
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backward and one optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()

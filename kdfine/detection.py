@@ -13,7 +13,8 @@ import numpy as np
 
 from kdfine import features, fine, metrics
 from kdfine.errors import InputError, UsageError
-from kdfine.io import check_label_range, read_index, read_labels
+from kdfine.io import check_label_range, csv_text, read_index, read_labels
+from kdfine.outputs import Outputs
 
 
 def detect_noise(features_path: str, *, labels: str | None = None, truth: str | None = None, zeta: float = 0.5,
@@ -49,11 +50,16 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     basis = None
     if vectors_from:
         basis = read_index(vectors_from, n, "--vectors-from")
+        if basis.size == 0:
+            raise InputError(f"--vectors-from {vectors_from}: lists no indices; the eigenvectors need some samples")
     if method == "small-loss":
         if dump.logits is None:
             raise InputError(f"--method small-loss needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
                              " (written by `kdfine eval --dump-features`)")
         logits = np.asarray(dump.logits, dtype=np.float64)
+        if logits.shape[1] < k:  # the loss of label y reads column y
+            raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: {logits.shape[1]} columns "
+                             f"for {k} classes")
         if not np.isfinite(logits).all():
             raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: contain NaN or inf")
     else:
@@ -75,14 +81,16 @@ def _check_finite(x: np.ndarray, path: str, chunk: int = fine.CHUNK) -> None:
             raise InputError(f"--features {path}: row {row} contains NaN or inf; re-extract the features")
 
 
-def write_detection(det: fine.Detection, labels: np.ndarray, out: str, noisy_out: str | None = None) -> None:
-    """``index,label,score,p_clean`` CSVs of the kept (``out``) and rejected (``noisy_out``) rows."""
-    from kdfine.io import write_csv
-
+def write_detection(det: fine.Detection, labels: np.ndarray, outputs: Outputs, out: str,
+                    noisy_out: str | None = None) -> None:
+    """Stage the ``index,label,score,p_clean`` CSVs of the kept (``out``) and rejected
+    (``noisy_out``) rows in ``outputs`` (declared there; nothing lands before its commit)."""
     def rows(idx):
         return [idx, labels[idx], det.scores[idx], det.p_clean[idx]]
 
     header, fmts = ["index", "label", "score", "p_clean"], ["{}", "{}", "{:.6f}", "{:.6f}"]
     if noisy_out:
-        write_csv(noisy_out, header, rows(np.flatnonzero(~det.keep)), fmts)
-    write_csv(out, header, rows(det.clean_index), fmts)
+        with outputs.open(noisy_out, "w") as f:
+            f.write(csv_text(header, rows(np.flatnonzero(~det.keep)), fmts))
+    with outputs.open(out, "w") as f:
+        f.write(csv_text(header, rows(det.clean_index), fmts))

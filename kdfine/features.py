@@ -114,6 +114,7 @@ def write_dump(outputs: Outputs, path: str | Path, features: np.ndarray, logits:
     """Stage the dump declared by :func:`declare_dump` as one set: the array, its sidecars and a
     json that records the row count and the sha256 of every file of the set, so that a reader
     can refuse files of another dump. A truth sidecar of an older dump is deleted at commit."""
+    declare_dump(outputs, path)  # again, when the caller did: declarations repeat freely
     arrays = {"features": (path, np.asarray(features, np.float32)),
               "labels": (sidecar(path, "labels.npy"), np.asarray(labels, np.int64)),
               "logits": (sidecar(path, "logits.npy"), np.asarray(logits, np.float32))}

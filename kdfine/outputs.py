@@ -105,7 +105,7 @@ class Outputs:
             return None
         text = os.fspath(path)
         for t in self._targets:
-            if os.fspath(t.path) == text and t.option == option and t.remove == remove:
+            if os.fspath(t.path) == os.fspath(Path(text)) and t.option == option and t.remove == remove:
                 return t.path  # declared again (a command and the one it calls): already checked
         target = _Target(Path(text), option, directory, remove=remove)
         if text == "-":
@@ -140,7 +140,7 @@ class Outputs:
         check_writable(p.parent / ".kdfine-probe", option)
 
     def _target(self, path: str | os.PathLike) -> _Target:
-        text = os.fspath(path)
+        text = os.fspath(Path(path))
         for t in self._targets:
             if os.fspath(t.path) == text and not t.remove:
                 return t

@@ -170,10 +170,10 @@ def read_dump(path: str | Path, mmap: bool = True) -> Dump:
         if not p.exists():
             return None
         a = load_npy(p, what, mmap=mmap and lazy)
-        if a.ndim != ndim or a.shape[0] != n:
-            want = "(N,)" if ndim == 1 else "(N, K)"
-            raise InputError(f"{what} {p}: has shape {a.shape}, expected {want} with N = {n} rows like the "
-                             f"features {path}")
+        if a.ndim and a.shape[0] != n:
+            raise InputError(f"{what} {p}: has {a.shape[0]} rows, the features {path} have {n}")
+        if a.ndim != ndim:
+            raise InputError(f"{what} {p}: has shape {a.shape}, expected {'(N,)' if ndim == 1 else '(N, K)'}")
         return a
 
     logits = optional("logits.npy", "logits", 2, lazy=True)

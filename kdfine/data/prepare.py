@@ -158,6 +158,8 @@ def _read_keep(path: str, train: ArrayDataset) -> np.ndarray:
     keep = np.sort(read_index(path, len(train), "--keep"))
     if keep.size == 0:
         raise InputError(f"--keep {path}: keeps no samples; nothing to train on")
+    if keep.size == 1:  # a batch of one: BatchNorm cannot train on it, and no model learns from one image
+        raise InputError(f"--keep {path}: keeps 1 sample; training needs at least 2")
     present = np.bincount(train.labels[keep], minlength=train.num_classes)
     empty = [train.classes[c] for c in np.flatnonzero(present == 0)]
     if empty:

@@ -239,8 +239,9 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
             if on_logits is not None and ctx.is_main:
                 on_logits(ck, z, ds)
             if f is not None:
-                distributed.main_only(features.write_dump, outs, dump_features, f, z, ds.labels,
-                                      _dump_info(ck, prepared, ds, split, f), prepared.truth if split == "train" else None)
+                distributed.main_only(features.write_dump, dump_features, f, z, ds.labels,
+                                      _dump_info(ck, prepared, ds, split, f),
+                                      prepared.truth if split == "train" else None, outputs=outs)
                 r["dump"] = dump_features
             results.append(r)
         if outputs is None:

@@ -109,11 +109,17 @@ def declare_dump(outputs: Outputs, path: str | Path) -> None:
         outputs.add(sidecar(path, suffix), "--dump-features")
 
 
-def write_dump(outputs: Outputs, path: str | Path, features: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-               info: dict[str, Any], truth: np.ndarray | None = None) -> None:
-    """Stage the dump declared by :func:`declare_dump` as one set: the array, its sidecars and a
-    json that records the row count and the sha256 of every file of the set, so that a reader
-    can refuse files of another dump. A truth sidecar of an older dump is deleted at commit."""
+def write_dump(path: str | Path, features: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+               info: dict[str, Any], truth: np.ndarray | None = None, *, outputs: Outputs | None = None) -> None:
+    """Write the dump as one set: the array, its sidecars and a json that records the row count and
+    the sha256 of every file of the set, so that a reader can refuse files of another dump. A truth
+    sidecar of an older dump is deleted. With ``outputs`` (the command's set, which the caller
+    commits), the files are only staged there; without, they are committed here."""
+    if outputs is None:
+        with Outputs() as own:
+            write_dump(path, features, logits, labels, info, truth, outputs=own)
+            own.commit()
+        return
     declare_dump(outputs, path)  # again, when the caller did: declarations repeat freely
     arrays = {"features": (path, np.asarray(features, np.float32)),
               "labels": (sidecar(path, "labels.npy"), np.asarray(labels, np.int64)),

@@ -137,7 +137,13 @@ class Outputs:
     def _check_dir(p: Path, option: str) -> None:
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise InputError(f"{option} {p}: exists and is not empty (or not a directory); choose a new directory")
-        check_writable(p.parent / ".kdfine-probe", option)
+        if not p.exists():
+            check_writable(p, option)  # its parent exists and takes new files
+        else:
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".kdfine-probe-", dir=p.parent if str(p.parent) else "."))
+            except OSError as e:
+                raise InputError(f"{option} {p}: cannot create files beside it ({e.strerror or e})") from None
 
     def _target(self, path: str | os.PathLike) -> _Target:
         text = os.fspath(Path(path))

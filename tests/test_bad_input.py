@@ -196,12 +196,9 @@ def _sidecar(suffix: str, array: np.ndarray, *extra: str):
 def _foreign_sidecar(d, s):
     """A dump whose json records its set, with the labels of another dump put beside it."""
     from kdfine.features import write_dump
-    from kdfine.outputs import Outputs
 
     f, y = _features()
-    with Outputs() as outs:
-        write_dump(outs, d / "f.npy", f, np.zeros((N, K), np.float32), y, {"num_classes": K})
-        outs.commit()
+    write_dump(d / "f.npy", f, np.zeros((N, K), np.float32), y, {"num_classes": K})
     np.save(d / "f.labels.npy", np.roll(y, 1))
     return _detect(d / "f.npy")
 
@@ -315,6 +312,12 @@ CASES: dict[str, Case] = {
     "out-name-too-long": Case(lambda d, s: _train(s, "--out", "x" * 227), 2, "the file name is too long"),
     "out-name-not-utf8": Case(lambda d, s: _train(s, "--out", os.fsdecode(b"\xff.safetensors")), 2,
                               "not valid UTF-8"),
+    "clean-export-disk-full": Case(lambda d, s: ["clean", "--model", s["teacher"], "--out", "c.csv", "--export",
+                                                 "/dev/full", "--device", "cpu"], 3,
+                                   "cannot write /dev/full: No space left on device"),
+    "clean-export-dir-in-missing-directory": Case(lambda d, s: ["clean", "--model", s["teacher"], "--out", "c.csv",
+                                                                "--export-dir", "missing/exp", "--device", "cpu"], 3,
+                                                  "--export-dir missing/exp: missing does not exist"),
     "teacher-stdin-empty": Case(lambda d, s: ["distill", "--teacher", "-", "--arch", "mlp", "--epochs", "1",
                                               "--out", "out.safetensors"], 3, "nothing was read from stdin",
                                 "out.safetensors", stdin=""),

@@ -95,9 +95,7 @@ def test_csv_readers_accept_a_bom(tmp_path):
 def _write(tmp_path, seed, truth=True):
     rng = np.random.default_rng(seed)
     f, z, y = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(20, 3)), rng.permutation(np.arange(20) % 3)
-    with Outputs() as outs:
-        write_dump(outs, tmp_path / "f.npy", f, z, y, {"num_classes": 3}, y if truth else None)
-        outs.commit()
+    write_dump(tmp_path / "f.npy", f, z, y, {"num_classes": 3}, y if truth else None)
     return f
 
 

@@ -9,6 +9,7 @@ prints nothing to stdout (progress and notes go to stderr). The CLI is a thin sh
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,9 +20,10 @@ import numpy as np
 from kdfine import detection
 from kdfine.data.noise import parse_noise
 from kdfine.errors import InputError, KdfineWarning, UsageError
-from kdfine.io import check_writable, is_special, read_stdin_path
+from kdfine.io import is_special, read_stdin_path
 from kdfine.options import (LABEL_LOSSES, LOSSES, DataOptions, DetectOptions, EvalOptions, ModelOptions, TrainConfig,
                             check_choice)
+from kdfine.outputs import Outputs, run_lock
 
 if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands that use them, so that
     # detect-noise (and `import kdfine.api`) never loads torch
@@ -95,7 +97,9 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
         teacher = TeacherEnsemble([t.model.to(ctx.device) for t in teachers],
                                   [(t.meta["mean"], t.meta["std"]) for t in teachers], (train.mean, train.std),
                                   ctx.device)
-    run_config = {"arch": arch, **data.config(), **asdict(cfg), **asdict(model_opts), **(extra_config or {})}
+    _check_batch(model, arch, cfg, data, ctx)
+    run_config = {"arch": arch, **data.config(), **asdict(cfg), **asdict(model_opts), **(extra_config or {}),
+                  "train_set": data.train_fingerprint()}
     reporter = Reporter(quiet=quiet, enabled=ctx.is_main, title=stage)
     if ctx.is_main:
         reporter.print(_header(stage, arch, model, data, ctx, chosen, init))
@@ -159,10 +163,44 @@ def _model_options(arch: str | None, data: DataOptions, model_opts: ModelOptions
     return arch, data, mo
 
 
-def _check_outputs(out: str, log: str | None) -> None:
-    check_writable(out)
-    if log:
-        check_writable(log, "--log")
+def _check_batch(model: Any, arch: str, cfg: TrainConfig, data: Prepared, ctx: distributed.Context) -> None:
+    """BatchNorm needs two samples per batch: refuse a batch of one up front, not after an epoch."""
+    from torch import nn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    if cfg.batch_size // ctx.world_size < 2:
+        per = f" per process of {ctx.world_size}" if ctx.world_size > 1 else ""
+        raise UsageError(f"--batch-size {cfg.batch_size}: {arch} has BatchNorm layers, which need at least 2 "
+                         f"samples per batch{per}")
+    n = len(data.keep) if data.keep is not None else len(data.train)
+    if n < 2 * ctx.world_size:
+        what = f"--keep {data.options.keep} keeps" if data.keep is not None else "the training set has"
+        raise InputError(f"{what} {n} sample(s); {arch} has BatchNorm layers, which need at least 2 per batch")
+
+
+def _declare_data(outputs: Outputs, data: DataOptions) -> None:
+    """The files a command reads through its data options: no output may overwrite them."""
+    if data.data and data.data.partition(":")[0].strip().lower() == "npz":
+        outputs.input(data.data.partition(":")[2], "--data")
+    outputs.input(data.labels, "--labels")
+    outputs.input(data.keep, "--keep")
+
+
+def _check_outputs(out: str, log: str | None, data: DataOptions, teachers: list[str] = ()) -> None:
+    """Every file a training run writes (the checkpoint, its resume state and lock, the log) is
+    checked now, and none may be an input (a teacher, the data) or another output (exit 2)."""
+    with Outputs() as outs:
+        _declare_data(outs, data)
+        for t in teachers:
+            outs.input(t, "--teacher")
+        outs.add(out, "--out", companions=(".state.safetensors", ".lock"))
+        outs.add(log, "--log")
+
+
+def _lock(out: str, ctx: distributed.Context):
+    """The lock beside ``out`` (rank 0 of a torchrun job takes it for all)."""
+    return run_lock(out) if ctx.is_main else contextlib.nullcontext()
 
 
 def train_teacher(out: str, *, arch: str | None = None, data: DataOptions | None = None,
@@ -180,9 +218,10 @@ def train_teacher(out: str, *, arch: str | None = None, data: DataOptions | None
     from kdfine.data.prepare import prepare
 
     ctx = distributed.setup(device)
-    _check_outputs(out, log)
-    return _train(out, arch, prepare(data), cfg, ctx, stage="teacher", model_opts=model, log=log, resume=resume,
-                  force=force, quiet=quiet)
+    _check_outputs(out, log, data)
+    with _lock(out, ctx):
+        return _train(out, arch, prepare(data), cfg, ctx, stage="teacher", model_opts=model, log=log, resume=resume,
+                      force=force, quiet=quiet)
 
 
 def distill(out: str, teachers: list[str], *, arch: str | None = None, data: DataOptions | None = None,
@@ -202,15 +241,17 @@ def distill(out: str, teachers: list[str], *, arch: str | None = None, data: Dat
     from kdfine.data.prepare import check_compatible, inherit_from, prepare
 
     ctx = distributed.setup(device)
-    _check_outputs(out, log)
+    _check_outputs(out, log, data)
     paths = [distributed.main_only(read_stdin_path, "--teacher") if t == "-" else t for t in teachers]
-    loaded = [checkpoint.load(p, "cpu", "--teacher") for p in paths]
-    prepared = prepare(inherit_from(data, loaded[0].meta))
-    for t in loaded:
-        check_compatible(t, prepared.train)
-    extra = {"teachers": [t.sha256 for t in loaded]}
-    return _train(out, arch, prepared, cfg, ctx, stage="student", model_opts=model, teachers=loaded, log=log,
-                  resume=resume, force=force, quiet=quiet, extra_config=extra)
+    _check_outputs(out, log, data, paths)  # a teacher read from stdin is known only now
+    with _lock(out, ctx):
+        loaded = [checkpoint.load(p, "cpu", "--teacher") for p in paths]
+        prepared = prepare(inherit_from(data, loaded[0].meta))
+        for t in loaded:
+            check_compatible(t, prepared.train)
+        extra = {"teachers": [t.sha256 for t in loaded]}
+        return _train(out, arch, prepared, cfg, ctx, stage="student", model_opts=model, teachers=loaded, log=log,
+                      resume=resume, force=force, quiet=quiet, extra_config=extra)
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -219,11 +260,12 @@ def distill(out: str, teachers: list[str], *, arch: str | None = None, data: Dat
 def evaluate(models: list[str], *, data: DataOptions | None = None, split: str = "test",
              teachers: list[str] | None = None, dump_features: str | None = None, device: str = "auto",
              batch_size: int = 512, precision: str = "auto",
-             on_logits: Callable[[checkpoint.Checkpoint, np.ndarray, ArrayDataset], None] | None = None
-             ) -> dict[str, Any]:
+             on_logits: Callable[[checkpoint.Checkpoint, np.ndarray, ArrayDataset], None] | None = None,
+             outputs: Outputs | None = None) -> dict[str, Any]:
     """Metrics of each model on a split; with ``teachers``, agreement with their (averaged) logits;
     with ``dump_features``, the feature dump of the (first) model; ``on_logits(ckpt, logits (N, K),
-    dataset)`` is called for each model (on rank 0), e.g. to plot."""
+    dataset)`` is called for each model (on rank 0), e.g. to plot. ``outputs``: the caller's set of
+    outputs to stage the dump in (the caller commits); by default the dump is committed here."""
     ev = EvalOptions(split, batch_size, precision).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if not models:
@@ -234,31 +276,41 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
     from kdfine.data.prepare import check_compatible, inherit_from, prepare
 
     ctx = distributed.setup(device)
-    if dump_features:
-        features.check_dump_path(dump_features)
-    loaded = [checkpoint.load(m, "cpu", "--model") for m in models]
-    tloaded = [checkpoint.load(t, "cpu", "--teacher") for t in (teachers or [])]
-    prepared = prepare(inherit_from(data, loaded[0].meta))
-    ds = prepared.source.split(split) if split == "test" else prepared.train
-    if split == "train" and prepared.keep is not None:
-        warnings.warn("--keep is ignored by eval: every training sample is evaluated", KdfineWarning, stacklevel=2)
-    for c in loaded:
-        check_compatible(c, ds, "--model")
-    for t in tloaded:
-        check_compatible(t, ds)
-    run = _forward(ds, ctx, ev)
-    teacher_logits = np.mean([run(t, False)[1] for t in tloaded], axis=0) if tloaded else None
-    results = []
-    for i, ck in enumerate(loaded):
-        f, z = run(ck, bool(dump_features) and i == 0)
-        r = _model_result(ck, z, ds, prepared, split, teacher_logits, tloaded)
-        if on_logits is not None and ctx.is_main:
-            on_logits(ck, z, ds)
-        if f is not None:
-            distributed.main_only(features.write_dump, dump_features, f, z, ds.labels,
-                                  _dump_info(ck, prepared, ds, split, f), prepared.truth if split == "train" else None)
-            r["dump"] = dump_features
-        results.append(r)
+    with contextlib.ExitStack() as stack:
+        outs = outputs if outputs is not None else stack.enter_context(Outputs())
+        _declare_data(outs, data)
+        for m in models:
+            outs.input(m, "--model")
+        for t in teachers or []:
+            outs.input(t, "--teacher")
+        if dump_features:
+            features.declare_dump(outs, dump_features)
+        loaded = [checkpoint.load(m, "cpu", "--model") for m in models]
+        tloaded = [checkpoint.load(t, "cpu", "--teacher") for t in (teachers or [])]
+        prepared = prepare(inherit_from(data, loaded[0].meta))
+        ds = prepared.source.split(split) if split == "test" else prepared.train
+        if split == "train" and prepared.keep is not None:
+            warnings.warn("--keep is ignored by eval: every training sample is evaluated", KdfineWarning, stacklevel=2)
+        for c in loaded:
+            check_compatible(c, ds, "--model")
+        for t in tloaded:
+            check_compatible(t, ds)
+        run = _forward(ds, ctx, ev)
+        teacher_logits = np.mean([run(t, False)[1] for t in tloaded], axis=0) if tloaded else None
+        results = []
+        for i, ck in enumerate(loaded):
+            f, z = run(ck, bool(dump_features) and i == 0)
+            r = _model_result(ck, z, ds, prepared, split, teacher_logits, tloaded)
+            if on_logits is not None and ctx.is_main:
+                on_logits(ck, z, ds)
+            if f is not None:
+                distributed.main_only(features.write_dump, dump_features, f, z, ds.labels,
+                                      _dump_info(ck, prepared, ds, split, f),
+                                      prepared.truth if split == "train" else None, outputs=outs)
+                r["dump"] = dump_features
+            results.append(r)
+        if outputs is None:
+            distributed.main_only(outs.commit)
     return {"data": prepared.options.data, "split": split, "n": len(ds), "models": results}
 
 
@@ -302,15 +354,29 @@ def _dump_info(ck, prepared: Prepared, ds: ArrayDataset, split: str, f: np.ndarr
 
 
 def detect_noise(features: str, out: str, *, detect: DetectOptions | None = None, labels: str | None = None,
-                 truth: str | None = None, vectors_from: str | None = None,
-                 noisy_out: str | None = None) -> tuple[dict[str, Any], Any, np.ndarray, np.ndarray | None]:
+                 truth: str | None = None, vectors_from: str | None = None, noisy_out: str | None = None,
+                 outputs: Outputs | None = None) -> tuple[dict[str, Any], Any, np.ndarray, np.ndarray | None]:
     """FINE (or the small-loss detector) on a feature dump; writes the kept (``out``) and rejected
-    (``noisy_out``) CSVs. Returns the JSON-ready report, the detection, the labels used and the
-    true labels (when known). Never imports torch."""
+    (``noisy_out``) CSVs, both or neither (``outputs``: the caller's set to stage them in, which the
+    caller commits). Returns the JSON-ready report, the detection, the labels used and the true
+    labels (when known). Never imports torch."""
     d = (detect or DetectOptions()).validate()
-    det, report, y, true = detection.detect_noise(features, labels=labels, truth=truth, zeta=d.zeta,
-                                                  method=d.method, vectors_from=vectors_from, seed=d.seed)
-    detection.write_detection(det, y, out, noisy_out)
+    from kdfine.features import SIDECARS, sidecar
+
+    with contextlib.ExitStack() as stack:
+        outs = outputs if outputs is not None else stack.enter_context(Outputs())
+        outs.input(features, "--features")
+        for suffix in SIDECARS:
+            outs.input(sidecar(features, suffix), "--features sidecar")
+        for path, option in ((labels, "--labels"), (truth, "--truth"), (vectors_from, "--vectors-from")):
+            outs.input(path, option)
+        outs.add(out, "--out")
+        outs.add(noisy_out, "--noisy-out")
+        det, report, y, true = detection.detect_noise(features, labels=labels, truth=truth, zeta=d.zeta,
+                                                      method=d.method, vectors_from=vectors_from, seed=d.seed)
+        detection.write_detection(det, y, outs, out, noisy_out)
+        if outputs is None:
+            outs.commit()
     report.update(out=out, noisy_out=noisy_out)
     return report, det, y, true
 
@@ -319,7 +385,8 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, detect: Dete
           export: str | None = None, export_dir: str | None = None, noisy_out: str | None = None,
           device: str = "auto", batch_size: int = 512) -> dict[str, Any]:
     """Features of the training split with ``model``, FINE, the kept index list, and optionally the
-    kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``)."""
+    kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``). Every
+    output is checked first and all of them land together, or none."""
     d = (detect or DetectOptions()).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if export and export_dir:
@@ -329,39 +396,54 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, detect: Dete
     from kdfine import checkpoint, distributed, features
     from kdfine.data.prepare import inherit_from
 
-    if out != "-":
-        check_writable(out)
-    if export:
-        check_writable(export, "--export")
-    if export_dir and Path(export_dir).exists() and any(Path(export_dir).iterdir()):
-        raise InputError(f"--export-dir {export_dir}: exists and is not empty; choose a new directory")
-    opts = inherit_from(data, checkpoint.read_meta(model))
-    with tempfile.TemporaryDirectory(prefix="kdfine-clean-") as tmp:
-        dump = str(Path(tmp) / "features.npy")
-        ev = evaluate([model], data=data, split="train", dump_features=dump, device=device, batch_size=batch_size)
+    with Outputs() as outs:
+        outs.input(model, "--model")
+        _declare_data(outs, data)
+        outs.add(out, "--out")
+        outs.add(noisy_out, "--noisy-out")
+        outs.add(export, "--export")
+        outs.add(export_dir, "--export-dir", directory=True)
+        meta = checkpoint.read_meta(model)
+        if export_dir:  # refused before the long work; the data's own names are checked again on export
+            from kdfine.data.export import check_class_names
 
-        def detect_and_write() -> dict[str, Any]:  # on rank 0, which holds the dump (rank-local tmp)
-            report, det, _, _ = detect_noise(dump, out, detect=d, noisy_out=noisy_out)
-            info = features.read_dump(dump).info
-            if export or export_dir:
-                _export(opts, det.clean_index, export, export_dir)
-            report.pop("features", None)
-            report.update(model=model, data=info["data"], label_noise=info["label_noise"],
-                          train_top1=ev["models"][0]["top1"], export=export or export_dir)
-            return report
+            check_class_names(list(meta["classes"]))
+        opts = inherit_from(data, meta)
+        with tempfile.TemporaryDirectory(prefix="kdfine-clean-") as tmp:
+            dump = str(Path(tmp) / "features.npy")
+            try:
+                ev = evaluate([model], data=data, split="train", dump_features=dump, device=device,
+                              batch_size=batch_size)
+            except InputError as e:
+                if tmp not in str(e):
+                    raise
+                raise InputError(f"clean: cannot write the temporary feature dump in {Path(tmp).parent} "
+                                 f"({str(e).rpartition(': ')[2]}); set TMPDIR to a directory with room") from None
 
-        return distributed.main_only(detect_and_write)
+            def detect_and_write() -> dict[str, Any]:  # on rank 0, which holds the dump (rank-local tmp)
+                report, det, _, _ = detect_noise(dump, out, detect=d, noisy_out=noisy_out, outputs=outs)
+                info = features.read_dump(dump).info
+                if export or export_dir:
+                    _export(outs, opts, det.clean_index, export, export_dir)
+                outs.commit()
+                report.pop("features", None)
+                report.update(model=model, data=info["data"], label_noise=info["label_noise"],
+                              train_top1=ev["models"][0]["top1"], export=export or export_dir)
+                return report
+
+            return distributed.main_only(detect_and_write)
 
 
-def _export(opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | None) -> None:
+def _export(outs: Outputs, opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | None) -> None:
+    """Stage the kept samples as an npz file or an ImageFolder tree in ``outs``."""
     from kdfine.data.export import export_folder, export_npz
     from kdfine.data.prepare import prepare
 
     prepared = prepare(replace(opts, keep=None))
     if npz:
-        export_npz(prepared.train, prepared.test, keep, npz)
+        outs.stage(npz, lambda tmp: export_npz(prepared.train, prepared.test, keep, tmp))
     else:
-        export_folder(prepared.train, prepared.test, keep, folder)
+        outs.stage(folder, lambda tmp: export_folder(prepared.train, prepared.test, keep, tmp))
 
 
 # ------------------------------------------------------------------------------------- leaving kdfine
@@ -376,7 +458,7 @@ def export(model: str, out: str, *, fmt: str = "onnx", opset: int | None = None)
     if opset is not None and not 7 <= opset <= 30:
         raise UsageError(f"--opset {opset}: expected an ONNX opset between 7 and 30")
     from kdfine import checkpoint
-    from kdfine.io import atomic_write_bytes
+    from kdfine.io import atomic_write_bytes, check_writable
 
     check_writable(out)
     ck = checkpoint.load(model, "cpu", "--model")

@@ -122,11 +122,27 @@ def read_meta(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, An
     meta = decode_meta(raw)
     try:
         int(meta["num_classes"]), int(meta["in_channels"]), int(meta["image_size"])
+        _check_types(meta)
         if len(meta["classes"]) != int(meta["num_classes"]):
             raise ValueError("classes and num_classes disagree")
     except (TypeError, ValueError) as e:
         raise InputError(f"{what} {p}: malformed kdfine metadata ({e})") from None
     return meta
+
+
+_TYPES = {"classes": (list, str), "mean": (list, (int, float)), "std": (list, (int, float)), "parents": (list, str),
+          "parent_paths": (list, str), "metrics": (dict, None), "config": (dict, None)}
+
+
+def _check_types(meta: dict[str, Any]) -> None:
+    """The JSON fields have the types kdfine reads them as (ValueError naming the field)."""
+    for key, (outer, inner) in _TYPES.items():
+        v = meta.get(key)
+        if v is None and key not in REQUIRED:
+            continue
+        if not isinstance(v, outer) or (inner and not all(isinstance(x, inner) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"'{key}' must be a JSON {'list' if outer is list else 'object'}"
+                             f"{' of ' + ('strings' if inner is str else 'numbers') if inner else ''}")
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "checkpoint") -> Checkpoint:

@@ -164,6 +164,8 @@ def command(fn: Callable) -> Callable:
             _fail("interrupted", EXIT_INTERRUPTED, e)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except BrokenPipeError:  # the reader of stdout stopped early (`| head`, `| true`): quiet, like any tool
+            _broken_pipe()
         except OSError as e:
             where = f" {e.filename}" if getattr(e, "filename", None) else ""
             _fail(f"cannot access{where}: {e.strerror or e}", EXIT_INPUT, e)
@@ -211,8 +213,12 @@ def _write_stdout(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        _broken_pipe()
+
+
+def _broken_pipe() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
 
 def _clean(x):
@@ -350,15 +356,17 @@ def eval_(
 
     Example: kdfine eval --model s.safetensors --teacher t.safetensors --plot s-eval.png --json
     """
+    from kdfine.outputs import Outputs
+
     runs: list[dict[str, Any]] = []
     collect = None
+    outs = Outputs()  # the dump and the plots land together, or none of them
     if plot:  # before importing the library: a missing matplotlib fails at once
         from kdfine import plots
-        from kdfine.io import check_writable
 
         plots.require()
         for p in plots.evaluation_paths(plot):
-            check_writable(p, "--plot")
+            outs.add(p, "--plot")
 
         def collect(ck, logits, ds):
             runs.append({"name": Path(ck.path).name, "logits": logits, "labels": ds.labels, "classes": ds.classes})
@@ -366,16 +374,33 @@ def eval_(
     from kdfine import api
     from kdfine.render import eval_report
 
-    res = api.evaluate(model, data=data, split=ev.split, teachers=teacher, dump_features=dump_features,
-                       device=device, batch_size=ev.batch_size, precision=ev.precision, on_logits=collect)
-    if plot and _is_main():
-        res["plots"] = plots.evaluation_figures(plot, runs)
+    with outs:
+        res = api.evaluate(model, data=data, split=ev.split, teachers=teacher, dump_features=dump_features,
+                           device=device, batch_size=ev.batch_size, precision=ev.precision, on_logits=collect,
+                           outputs=outs)
+        if plot and _is_main():
+            res["plots"] = _stage_eval_plots(outs, plot, runs)
+        if _is_main():
+            outs.commit()
     if json_out:
         _emit_json(res)
     else:
         _show(eval_report(res), quiet)
     if res.get("plots"):
         _note(f"wrote {', '.join(res['plots'])}", quiet)
+
+
+def _stage_eval_plots(outs, plot: str, runs: list[dict[str, Any]]) -> list[str]:
+    """Draw the evaluation figures under a temporary prefix beside ``plot``, claimed by ``outs``."""
+    from kdfine import plots
+
+    p = Path(plot)
+    tmp = str(p.with_name(f".kdfine-{os.urandom(4).hex()}-{p.name}"))
+    finals = plots.evaluation_paths(plot)
+    for final, staged in zip(finals, plots.evaluation_paths(tmp)):
+        outs.claim(final, staged)
+    plots.evaluation_figures(tmp, runs)
+    return [str(f) for f in finals]
 
 
 @app.command("detect-noise", rich_help_panel=NOISE)
@@ -407,18 +432,25 @@ def detect_noise(
 
     if out == "-" and json_out:
         raise UsageError("--out - and --json both want stdout; write the CSV to a file")
+    from kdfine.outputs import Outputs
+
+    outs = Outputs()  # the CSVs and the plot land together, or none of them
     if plot:  # before importing the library: a missing matplotlib fails at once
         from kdfine import plots
 
         plots.require()
         plots.check_image_path(plot)
+        outs.add(plot, "--plot")
     from kdfine import api  # torch-free: detect-noise never loads torch
     from kdfine.render import detection_report
 
-    report, det, y, true = api.detect_noise(features, out, detect=detect, labels=labels, truth=truth,
-                                            vectors_from=vectors_from, noisy_out=noisy_out)
-    if plot:
-        report["plot"] = _plot_detection(plot, features, det, y, true)
+    with outs:
+        report, det, y, true = api.detect_noise(features, out, detect=detect, labels=labels, truth=truth,
+                                                vectors_from=vectors_from, noisy_out=noisy_out, outputs=outs)
+        if plot:
+            outs.stage(plot, lambda tmp: _plot_detection(str(tmp), features, det, y, true))
+            report["plot"] = plot
+        outs.commit()
     if json_out:
         _emit_json(report)
     else:

@@ -15,7 +15,8 @@ import numpy as np
 
 from kdfine import features, fine, metrics
 from kdfine.errors import InputError
-from kdfine.io import check_label_range, read_index, read_labels
+from kdfine.io import check_label_range, csv_text, read_index, read_labels
+from kdfine.outputs import Outputs
 
 
 def detect_noise(features_path: str, *, labels: str | None = None, truth: str | None = None, zeta: float = 0.5,
@@ -48,11 +49,16 @@ def detect_noise(features_path: str, *, labels: str | None = None, truth: str | 
     basis = None
     if vectors_from:
         basis = read_index(vectors_from, n, "--vectors-from")
+        if basis.size == 0:
+            raise InputError(f"--vectors-from {vectors_from}: lists no indices; the eigenvectors need some samples")
     if method in fine.NEEDS_LOGITS:
         if dump.logits is None:
             raise InputError(f"--method {method} needs the logits sidecar {features.sidecar(features_path, 'logits.npy')}"
                              " (written by `kdfine eval --dump-features`)")
         logits = dump.logits  # memory-mapped: read in float64 row blocks by fine.label_log_likelihood
+        if logits.ndim != 2 or logits.shape[1] < k:  # the loss of label y reads column y
+            raise InputError(f"logits {features.sidecar(features_path, 'logits.npy')}: shape {logits.shape} "
+                             f"for {k} classes")
     else:
         logits = None
     if method == "knn":  # the neighbour search does not notice NaN by itself
@@ -83,14 +89,16 @@ def _check_finite(x: np.ndarray, path: str, row: int | None = None, chunk: int =
             raise InputError(f"--features {path}: row {row} contains NaN or inf; re-extract the features")
 
 
-def write_detection(det: fine.Detection, labels: np.ndarray, out: str, noisy_out: str | None = None) -> None:
-    """``index,label,score,p_clean`` CSVs of the kept (``out``) and rejected (``noisy_out``) rows."""
-    from kdfine.io import write_csv
-
+def write_detection(det: fine.Detection, labels: np.ndarray, outputs: Outputs, out: str,
+                    noisy_out: str | None = None) -> None:
+    """Stage the ``index,label,score,p_clean`` CSVs of the kept (``out``) and rejected
+    (``noisy_out``) rows in ``outputs`` (declared there; nothing lands before its commit)."""
     def rows(idx):
         return [idx, labels[idx], det.scores[idx], det.p_clean[idx]]
 
     header, fmts = ["index", "label", "score", "p_clean"], ["{}", "{}", "{:.6f}", "{:.6f}"]
     if noisy_out:
-        write_csv(noisy_out, header, rows(np.flatnonzero(~det.keep)), fmts)
-    write_csv(out, header, rows(det.clean_index), fmts)
+        with outputs.open(noisy_out, "w") as f:
+            f.write(csv_text(header, rows(np.flatnonzero(~det.keep)), fmts))
+    with outputs.open(out, "w") as f:
+        f.write(csv_text(header, rows(det.clean_index), fmts))

@@ -11,6 +11,7 @@ cosine schedule, bf16 autocast and channels_last on CUDA, DistributedDataParalle
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ def _train_epoch(run: _Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
             raise Interrupted(_interrupt_message(run.state_file, epoch))
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
     loss_total, correct_total, n = distributed.all_reduce_sum(totals).tolist()
+    if not math.isfinite(loss_total):  # the synced total: every rank stops in the same epoch
+        raise InputError(_divergence_message(run, epoch, loss_total))
     elapsed = time.perf_counter() - t0
     return dict(loss=loss_total / max(n, 1), train_acc=correct_total / max(n, 1), train_images=int(n),
                 img_per_s=n / max(elapsed, 1e-9), time_s=elapsed)
@@ -256,6 +259,14 @@ def _close_log(log: TextIO | None) -> None:
             log.close()
         except OSError:
             pass  # a failed write was already reported; the error of close() would hide it
+
+
+def _divergence_message(run: _Run, epoch: int, loss: float) -> str:
+    """Why training stopped with a non-finite loss, and what was kept (no checkpoint is written)."""
+    kept = (f"the state after epoch {epoch} is kept in {run.state_file}" if run.state_file is not None and epoch > 0
+            and run.state_file.exists() else "no checkpoint was written")
+    return (f"training diverged in epoch {epoch + 1}: the loss became {loss}; the learning rate (--lr {run.cfg.lr:g}) "
+            f"is the likely cause: lower it; {kept}")
 
 
 def _interrupt_message(state_file: Path | None, epoch: int) -> str:

@@ -21,7 +21,8 @@ from kdfine.errors import InputError, UsageError
 RESUME_KEYS = ("arch", "data", "label_noise", "noise_seed", "labels", "keep", "loss", "tau", "alpha", "teachers",
                "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "fine_warmup",
                "fine_every", "fine_zeta", "fine_method", "image_size", "augment", "test_fraction", "fine_strategy",
-               "gce_q", "sce_alpha", "sce_beta", "ssl_lambda_u", "ssl_threshold", "ssl_alpha", "ssl_temperature")
+               "gce_q", "sce_alpha", "sce_beta", "ssl_lambda_u", "ssl_threshold", "ssl_alpha", "ssl_temperature",
+               "train_set")
 
 
 def state_path(out: str | os.PathLike) -> Path:

@@ -175,6 +175,64 @@ def _good_dump(d, s):
     return _dump(d, "f", f, y)
 
 
+def _json(text: str):
+    """detect-noise on a good dump whose json sidecar holds ``text``."""
+    def make(d, s):
+        p = _good_dump(d, s)
+        (d / "f.json").write_text(text)
+        return _detect(p)
+    return make
+
+
+def _sidecar(suffix: str, array: np.ndarray, *extra: str):
+    """detect-noise on a good dump with the sidecar ``f.SUFFIX`` replaced by ``array``."""
+    def make(d, s):
+        p = _good_dump(d, s)
+        np.save(d / f"f.{suffix}", array)
+        return _detect(p, "out.csv", *extra)
+    return make
+
+
+def _foreign_sidecar(d, s):
+    """A dump whose json records its set, with the labels of another dump put beside it."""
+    from kdfine.features import write_dump
+
+    f, y = _features()
+    write_dump(d / "f.npy", f, np.zeros((N, K), np.float32), y, {"num_classes": K})
+    np.save(d / "f.labels.npy", np.roll(y, 1))
+    return _detect(d / "f.npy")
+
+
+def _meta(**fields):
+    """A copy of the teacher with metadata fields replaced."""
+    def build(d, s):
+        save_file(s["tensors"], str(d / "t.safetensors"), metadata={**s["meta"], **fields})
+        return d / "t.safetensors"
+    return build
+
+
+def _copy_teacher(d, s):
+    (d / "t.safetensors").write_bytes(Path(s["teacher"]).read_bytes())
+    return d / "t.safetensors"
+
+
+def _distill_onto_teacher(d, s):
+    t = _copy_teacher(d, s)
+    return ["distill", "--teacher", t, "--arch", "mlp", "--epochs", "1", "--device", "cpu", "--out", t]
+
+
+def _dump_onto_model(d, s):
+    t = _copy_teacher(d, s)
+    return ["eval", "--model", t, "--split", "train", "--device", "cpu", "--dump-features", "t.safetensors"]
+
+
+def _header_only(name: str, text: str):
+    def make(d, s):
+        (d / name).write_text(text)
+        return _detect(_good_dump(d, s), "out.csv", "--vectors-from", name)
+    return make
+
+
 CASES: dict[str, Case] = {
     "truncated-safetensors": Case(_model(_truncated), 3, "truncated", "out.npy"),
     "not-safetensors": Case(_model(_text), 3, "not a readable safetensors file", "out.npy"),
@@ -208,6 +266,58 @@ CASES: dict[str, Case] = {
                           "cannot write /dev/full: No space left on device"),
     "disk-full-checkpoint": Case(lambda d, s: _train(s, "--out", "/dev/full", "-q"), 3,
                                  "cannot write /dev/full: No space left on device"),
+    # issue 19: exit codes as documented, never 1
+    "dump-json-a-list": Case(_json("[]"), 3, "expected a JSON object, got list", "out.csv"),
+    "dump-json-null": Case(_json("null"), 3, "expected a JSON object, got NoneType", "out.csv"),
+    "dump-json-num-classes-text": Case(_json('{"num_classes": "ten"}'), 3, "'num_classes' must be an integer",
+                                       "out.csv"),
+    "dump-json-wrong-length": Case(_json(f'{{"n": {N + 1}}}'), 3, "come from different dumps", "out.csv"),
+    "dump-sidecar-of-another-dump": Case(_foreign_sidecar, 3, "f.labels.npy was changed", "out.csv"),
+    "logits-wrong-columns-small-loss": Case(_sidecar("logits.npy", np.zeros((N, K - 1), np.float32),
+                                                     "--method", "small-loss"), 3, "has 2 columns", "out.csv"),
+    "truth-two-dimensional": Case(_sidecar("truth.npy", np.zeros((N, 2), np.int64)), 3, "expected (N,)", "out.csv"),
+    "vectors-from-header-only": Case(_header_only("v.csv", "index\n"), 3, "lists no indices", "out.csv"),
+    "csv-with-bom-still-checked": Case(_header_only("v.csv", "\ufeffindex\n"), 3, "lists no indices", "out.csv"),
+    "arch-cnn-0": Case(lambda d, s: _train(s, "--arch", "cnn-0", "--out", "out.safetensors"), 2, "cnn-0",
+                       "out.safetensors"),
+    "arch-mlp-1": Case(lambda d, s: _train(s, "--arch", "mlp-1", "--out", "out.safetensors"), 2, "mlp-1",
+                       "out.safetensors"),
+    "batch-of-one-with-batchnorm": Case(lambda d, s: _train(s, "--batch-size", "1", "--out", "out.safetensors"), 2,
+                                        "--batch-size 1: mlp-16 has BatchNorm layers", "out.safetensors"),
+    "keep-one-index": Case(_keep("index\n5\n"), 3, "keeps 1 sample; training needs at least 2", "out.safetensors"),
+    "metrics-as-a-string": Case(_model(_meta(metrics="fast")), 3, "'metrics' must be a JSON object", "out.npy"),
+    "classes-not-strings": Case(_model(_meta(classes=json.dumps(list(range(10))))), 3,
+                                "'classes' must be a JSON list of strings", "out.npy"),
+    "seed-too-large": Case(lambda d, s: _train(s, "--seed", "4294967296", "--out", "out.safetensors"), 2,
+                           "--seed 4294967296: must be an integer in [0, 4294967295]", "out.safetensors"),
+    "seed-negative": Case(lambda d, s: _train(s, "--seed", "-1", "--out", "out.safetensors"), 2,
+                          "--seed -1: must be", "out.safetensors"),
+    "noise-seed-negative": Case(lambda d, s: _train(s, "--noise-seed", "-1", "--out", "out.safetensors"), 2,
+                                "--noise-seed -1: must be", "out.safetensors"),
+    "weight-decay-nan": Case(lambda d, s: _train(s, "--weight-decay", "nan", "--out", "out.safetensors"), 2,
+                             "--weight-decay nan: must be a finite number", "out.safetensors"),
+    "lr-inf": Case(lambda d, s: _train(s, "--lr", "inf", "--out", "out.safetensors"), 2,
+                   "--lr inf: must be a finite number", "out.safetensors"),
+    # issue 19: outputs that are inputs, or each other; names checked up front; all or nothing
+    "distill-out-is-the-teacher": Case(_distill_onto_teacher, 2, "is the input --teacher"),
+    "dump-onto-the-model": Case(_dump_onto_model, 2, "is the input --model"),
+    "out-and-noisy-out-the-same": Case(lambda d, s: _detect(_good_dump(d, s), "same.csv", "--noisy-out", "same.csv"),
+                                       2, "are the same file", "same.csv"),
+    "noisy-out-in-missing-directory": Case(lambda d, s: _detect(_good_dump(d, s), "c.csv", "--noisy-out",
+                                                                "no/n.csv"), 3, "--noisy-out no/n.csv", "c.csv"),
+    "out-missing-with-noisy-out": Case(lambda d, s: _detect(_good_dump(d, s), "no/c.csv", "--noisy-out", "noisy.csv"),
+                                       3, "--out no/c.csv", "noisy.csv"),
+    "noisy-out-disk-full": Case(lambda d, s: _detect(_good_dump(d, s), "c.csv", "--noisy-out", "/dev/full"), 3,
+                                "cannot write /dev/full: No space left on device"),
+    "out-name-too-long": Case(lambda d, s: _train(s, "--out", "x" * 227), 2, "the file name is too long"),
+    "out-name-not-utf8": Case(lambda d, s: _train(s, "--out", os.fsdecode(b"\xff.safetensors")), 2,
+                              "not valid UTF-8"),
+    "clean-export-disk-full": Case(lambda d, s: ["clean", "--model", s["teacher"], "--out", "c.csv", "--export",
+                                                 "/dev/full", "--device", "cpu"], 3,
+                                   "cannot write /dev/full: No space left on device"),
+    "clean-export-dir-in-missing-directory": Case(lambda d, s: ["clean", "--model", s["teacher"], "--out", "c.csv",
+                                                                "--export-dir", "missing/exp", "--device", "cpu"], 3,
+                                                  "--export-dir missing/exp: missing does not exist"),
     "teacher-stdin-empty": Case(lambda d, s: ["distill", "--teacher", "-", "--arch", "mlp", "--epochs", "1",
                                               "--out", "out.safetensors"], 3, "nothing was read from stdin",
                                 "out.safetensors", stdin=""),
@@ -217,7 +327,7 @@ CASES: dict[str, Case] = {
 # OS error, a failed write during training and an empty stdin stand for the rest (each case is a
 # whole interpreter start, and the suite's time is budgeted).
 DEBUG_CASES = ["truncated-safetensors", "features-with-nan", "index-duplicate", "unreadable-path",
-               "disk-full-checkpoint", "teacher-stdin-empty"]
+               "disk-full-checkpoint", "teacher-stdin-empty", "dump-json-null"]
 
 WARNINGS: dict[str, tuple[Callable, str]] = {
     "keep-leaves-a-class-empty": (_keep("index\n" + "\n".join(str(i) for i in range(60) if i % 3 != 2) + "\n"),

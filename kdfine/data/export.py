@@ -1,54 +1,93 @@
 """Cleaned-dataset export: the kept training samples (and the whole test split) as an ``npz:``
-dataset or an ImageFolder tree. Both are written so that a failure leaves nothing behind."""
+dataset or an ImageFolder tree.
+
+The caller stages both (:class:`kdfine.outputs.Outputs`): they are written to a temporary beside
+the target and land only when the whole command succeeds. Class names become folder names only
+when each is one safe path component (:func:`check_class_names`); a dataset whose names are not
+is refused, so that a file from elsewhere never chooses where kdfine writes.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError
-from kdfine.io import atomic_open
+
+NAME_MAX = 255  # bytes in one path component on common file systems
 
 
-def export_npz(train: ArrayDataset, test: ArrayDataset, keep: np.ndarray, path: str) -> None:
+def unsafe_component(name: object) -> str | None:
+    """Why ``name`` cannot be a folder name (one path component on every common OS), or None."""
+    if not isinstance(name, str) or name == "":
+        return "it is empty" if name == "" else "it is not a string"
+    if name in (".", ".."):
+        return f"'{name}' means a directory itself"
+    for sep in ("/", "\\"):
+        if sep in name:
+            return f"it contains '{sep}'"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        return "it contains a control character"
+    if len(name) >= 2 and name[1] == ":" or name != name.strip() or name.endswith("."):
+        return "it looks like a drive, or has leading/trailing spaces or a trailing dot"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if size > NAME_MAX - 8:
+        return f"it is {size} bytes long"
+    return None
+
+
+def check_class_names(classes: list, option: str = "--export-dir") -> None:
+    """Exit 3 naming the first class that cannot be a folder name, or two that would be one
+    folder on a case-insensitive file system."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        why = unsafe_component(c)
+        if why:
+            raise InputError(f"{option}: class {i} {str(c)[:60]!r} cannot be a folder name ({why}); "
+                             "rename the class in the data, or use --export FILE.npz")
+        key = unicodedata.normalize("NFC", c).casefold()
+        if key in seen:
+            raise InputError(f"{option}: classes {seen[key]} {classes[seen[key]]!r} and {i} {c!r} would share "
+                             "one folder; rename one of them, or use --export FILE.npz")
+        seen[key] = i
+
+
+def export_npz(train: ArrayDataset, test: ArrayDataset, keep: np.ndarray, path: str | os.PathLike) -> None:
     """Arrays ``x, y`` (kept training samples), ``x_test, y_test``, ``classes`` and ``index`` (the
     kept samples' indices in the original training split), readable as ``--data npz:PATH``."""
-    with atomic_open(path, "wb", "--export") as f:
+    with open(path, "wb") as f:
         np.savez(f, x=train.images[keep], y=train.labels[keep], x_test=test.images, y_test=test.labels,
                  classes=np.array(train.classes), index=keep)
 
 
-def export_folder(train: ArrayDataset, test: ArrayDataset, keep: np.ndarray, root: str) -> None:
+def export_folder(train: ArrayDataset, test: ArrayDataset, keep: np.ndarray, root: str | os.PathLike) -> None:
     """``root/train/<class>/<index>.<ext>`` for kept samples (hard or symbolic links to the source
-    files when the data is an image folder, PNGs otherwise) and ``root/test/...`` likewise. Built in
-    a temporary directory and renamed into place, so a failure leaves nothing behind."""
-    dest = Path(root)
-    if not dest.parent.is_dir():
-        raise InputError(f"--export-dir {root}: directory {dest.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        _write_split(tmp / "train", train, keep)
-        _write_split(tmp / "test", test, np.arange(len(test)))
-        if dest.exists():
-            dest.rmdir()  # empty, checked before
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files when the data is an image folder, PNGs otherwise) and ``root/test/...`` likewise, in the
+    existing empty directory ``root``. Every class name is checked before anything is written."""
+    check_class_names(train.classes)
+    check_class_names(test.classes)
+    root = Path(root)
+    _write_split(root, root / "train", train, keep)
+    _write_split(root, root / "test", test, np.arange(len(test)))
 
 
-def _write_split(base: Path, ds: ArrayDataset, idx: np.ndarray) -> None:
+def _write_split(root: Path, base: Path, ds: ArrayDataset, idx: np.ndarray) -> None:
     from PIL import Image
 
-    for c in ds.classes:
-        (base / c).mkdir(parents=True, exist_ok=True)
+    folders = [base / c for c in ds.classes]
+    for f in folders:
+        if f.resolve().parent != base.resolve() or not f.resolve().is_relative_to(root.resolve()):
+            raise InputError(f"--export-dir: class folder {f.name!r} would lie outside the export")  # unreachable
+        f.mkdir(parents=True, exist_ok=True)
     for i in idx.tolist():
-        folder = base / ds.classes[int(ds.labels[i])]
+        folder = folders[int(ds.labels[i])]
         if ds.files is not None:
             src = Path(ds.files[i])
             target = folder / f"{i:06d}{src.suffix.lower()}"

@@ -7,32 +7,98 @@ replaces or corrupts the training labels and reads ``--keep``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import warnings
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdfine.data.noise import apply_noise, parse_noise
-from kdfine.data.sources import ArrayDataset, Source, load_source
-from kdfine.errors import InputError, KdfineWarning
-from kdfine.io import read_index, read_labels
+from kdfine.data.sources import ArrayDataset, Source, load_source, parse_data_spec
+from kdfine.errors import InputError, KdfineWarning, UsageError
+from kdfine.io import file_sha256, read_index, read_labels
 from kdfine.options import DataOptions
 
 _INHERITED = ("data", "data_root", "image_size", "test_fraction")
+_PATH_KINDS = ("imagefolder", "npz")
+
+
+def absolute_spec(spec: str) -> str:
+    """``npz:PATH`` and ``imagefolder:PATH`` with PATH made absolute (what checkpoints record, so
+    that a command run elsewhere finds the same data); other specs unchanged."""
+    kind, arg = parse_data_spec(spec)
+    return f"{kind}:{Path(arg).expanduser().resolve()}" if kind in _PATH_KINDS else spec
+
+
+def data_fingerprint(spec: str) -> str | None:
+    """A fingerprint of the data behind a path spec: the sha256 of an npz file, or of an image
+    folder's sorted (relative path, size) list (hidden entries skipped). None for named datasets
+    or a path that does not exist."""
+    kind, arg = parse_data_spec(spec)
+    p = Path(arg).expanduser()
+    if kind not in _PATH_KINDS or not p.exists():
+        return None
+    if kind == "npz":
+        return file_sha256(p) if p.is_file() else None
+    h = hashlib.sha256()
+    for d, dirs, files in os.walk(p):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            f = Path(d) / name
+            with contextlib.suppress(OSError):
+                h.update(f"{f.relative_to(p).as_posix()}\0{f.stat().st_size}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def inherit_from(opts: DataOptions, meta: dict[str, Any]) -> DataOptions:
-    """With no ``--data``, the data, image size and label noise recorded in a checkpoint's
-    metadata ``meta`` (its ``config``, or the bare ``data`` field of older files)."""
+    """With no ``--data``, the data, image size, label noise and ``--labels`` recorded in a
+    checkpoint's metadata ``meta`` (its ``config``, or the bare ``data`` field of older files).
+    A recorded image folder or npz file whose fingerprint changed, or recorded ``--labels`` that are
+    missing or changed, are refused (exit 3): pass ``--data`` to choose the data explicitly."""
     if opts.data is not None:
         return opts
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {"data": meta.get("data")}
     upd = {k: recorded.get(k) for k in _INHERITED if recorded.get(k) is not None}
+    if not isinstance(upd.get("data", ""), str):
+        raise InputError(f"the checkpoint records data {upd['data']!r}, not a --data spec; pass --data")
     if opts.label_noise is None and recorded.get("label_noise") not in (None, "none"):
         upd["label_noise"] = recorded["label_noise"]
-        upd["noise_seed"] = int(recorded.get("noise_seed", 0))
-    return replace(opts, **upd).validate()
+        upd["noise_seed"] = recorded.get("noise_seed", 0)
+    try:
+        inherited = replace(opts, **upd).validate()
+    except UsageError as e:
+        raise InputError(f"the checkpoint's recorded data options are not valid ({e}); pass --data") from None
+    _check_recorded_data(inherited.data, recorded.get("data_fingerprint"))
+    if opts.labels is None and recorded.get("labels"):
+        inherited = replace(inherited, labels=_recorded_labels(recorded))
+    return inherited
+
+
+def _check_recorded_data(spec: str | None, want: Any) -> None:
+    if spec is None or not isinstance(want, str):
+        return  # named datasets, and checkpoints from before fingerprints
+    have = data_fingerprint(spec)
+    if have != want:
+        state = "no longer exists" if have is None else "has changed since the checkpoint was trained"
+        raise InputError(f"the checkpoint's data {spec} {state}; pass --data to choose the data explicitly")
+
+
+def _recorded_labels(recorded: dict[str, Any]) -> str:
+    """The recorded ``--labels`` file, when it still holds the recorded bytes; else exit 3."""
+    path, want = recorded.get("labels"), recorded.get("labels_sha256")
+    p = Path(str(path))
+    if not isinstance(want, str) or not p.is_absolute():
+        raise InputError(f"the checkpoint was trained with --labels {path}, recorded without a fingerprint; "
+                         "pass --labels (and --data) explicitly")
+    if not p.is_file() or file_sha256(p) != want:
+        state = "no longer exists" if not p.is_file() else "has changed since"
+        raise InputError(f"the checkpoint was trained with --labels {p}, which {state}; "
+                         "pass --labels (and --data) explicitly")
+    return str(p)
 
 
 @dataclass
@@ -47,18 +113,32 @@ class Prepared:
     truth: np.ndarray | None
     keep: np.ndarray | None
     options: DataOptions
+    data_fingerprint: str | None = None  # see data_fingerprint()
+    labels_sha256: str | None = None  # of the --labels file
 
     def config(self) -> dict[str, Any]:
-        """The data part of a checkpoint's recorded ``config``."""
+        """The data part of a checkpoint's recorded ``config``: the options (paths absolute) and
+        the fingerprints that commands inheriting the data check."""
         d = asdict(self.options)
         d["label_noise"] = str(parse_noise(self.options.label_noise))
+        d.update(data_fingerprint=self.data_fingerprint, labels_sha256=self.labels_sha256)
         return d
+
+    def train_fingerprint(self) -> str:
+        """The training set a run trains on (size, labels as trained on, the data's fingerprint):
+        the resume state records it, and a resume on other data is refused."""
+        h = hashlib.sha256(f"{len(self.train)}:{self.options.data}:{self.data_fingerprint}\n".encode())
+        h.update(np.ascontiguousarray(self.train.labels, dtype=np.int64).tobytes())
+        if self.keep is not None:
+            h.update(np.ascontiguousarray(self.keep, dtype=np.int64).tobytes())
+        return f"{len(self.train)} samples, sha256 {h.hexdigest()[:16]}"
 
 
 def prepare(opts: DataOptions) -> Prepared:
     """Load ``opts.data`` (digits when None) and apply ``--labels``, ``--label-noise`` and ``--keep``."""
-    spec = opts.data or "digits"
+    spec = opts.data or "digits"  # read as given (messages name what the user typed), recorded absolute
     noise = parse_noise(opts.label_noise)
+    fingerprint = data_fingerprint(spec)
     source = load_source(spec, root=opts.data_root, download=opts.download, image_size=opts.image_size,
                          test_fraction=opts.test_fraction, augment=opts.augment)
     train, truth = source.train, None
@@ -69,13 +149,17 @@ def prepare(opts: DataOptions) -> Prepared:
         train = train.with_labels(apply_noise(truth, noise, train.num_classes, opts.noise_seed, source.name,
                                               train.classes))
     keep = _read_keep(opts.keep, train) if opts.keep else None
-    return Prepared(source, train, source.test, truth, keep, replace(opts, data=spec))
+    absolute = {k: str(Path(getattr(opts, k)).resolve()) for k in ("labels", "keep") if getattr(opts, k)}
+    return Prepared(source, train, source.test, truth, keep, replace(opts, data=absolute_spec(spec), **absolute),
+                    fingerprint, file_sha256(opts.labels) if opts.labels else None)
 
 
 def _read_keep(path: str, train: ArrayDataset) -> np.ndarray:
     keep = np.sort(read_index(path, len(train), "--keep"))
     if keep.size == 0:
         raise InputError(f"--keep {path}: keeps no samples; nothing to train on")
+    if keep.size == 1:  # a batch of one: BatchNorm cannot train on it, and no model learns from one image
+        raise InputError(f"--keep {path}: keeps 1 sample; training needs at least 2")
     present = np.bincount(train.labels[keep], minlength=train.num_classes)
     empty = [train.classes[c] for c in np.flatnonzero(present == 0)]
     if empty:

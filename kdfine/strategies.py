@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from kdfine import distributed, fine, metrics
-from kdfine.data.batches import TrainBatches
+from kdfine.data.augment import augmented_copy
+from kdfine.data.batches import TrainBatches, epoch_seed
 from kdfine.data.sources import ArrayDataset
 from kdfine.device import autocast
 from kdfine.features import extract
 from kdfine.losses import kd_loss
+from kdfine.optim import build_optimizer, param_groups  # noqa: F401 (param_groups: re-exported)
 
 
 @dataclass
@@ -83,19 +85,10 @@ class Strategy:
         return None
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv and linear weights only (not on BatchNorm parameters or biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def sgd(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (when momentum > 0), no weight decay on BatchNorm and biases."""
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.momentum > 0)
+    """The optimizer that ``cfg`` asks for (:func:`kdfine.optim.build_optimizer`; kept under this
+    name for the strategies that call it)."""
+    return build_optimizer(model, cfg)
 
 
 def for_training(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
@@ -141,7 +134,8 @@ class SelectStrategy(Strategy):
         cfg = self.cfg
         if not (self.fine_on and epoch >= cfg.fine_warmup and (epoch - cfg.fine_warmup) % cfg.fine_every == 0):
             return {}
-        self.current, rec = fine_select(self.setup, self.universe, self.current, first=epoch == cfg.fine_warmup)
+        self.current, rec = fine_select(self.setup, self.universe, self.current, first=epoch == cfg.fine_warmup,
+                                        epoch=epoch)
         self.loader.set_selection(self.current)
         return rec
 
@@ -161,7 +155,8 @@ class SelectStrategy(Strategy):
                 zt = s.teacher(x).clone()
         with autocast(s.device, s.precision):
             logits = self.net(x)
-        loss = kd_loss(logits, zt, y, loss=cfg.loss, tau=cfg.tau, alpha=cfg.alpha)
+        loss = kd_loss(logits, zt, y, loss=cfg.loss, tau=cfg.tau, alpha=cfg.alpha,
+                       label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -181,12 +176,18 @@ class SelectStrategy(Strategy):
 
 
 def fine_select(s: TrainSetup, universe: np.ndarray, current: np.ndarray,
-                first: bool) -> tuple[np.ndarray, dict[str, Any]]:
+                first: bool, *, epoch: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """One dynamic FINE round: features of the training ``universe`` (sorted dataset indices),
     class vectors from the ``current`` selection (all samples when ``first``), scores, per-class
-    split. Returns the new selection (sorted dataset indices) and the record's fields."""
+    split. Returns the new selection (sorted dataset indices) and the record's fields.
+
+    With ``cfg.fine_features == "augmented"`` the images pass through the training augmentation
+    first (drawn from ``cfg.seed`` and ``epoch``), as in the official code; ``plain``: as stored."""
     cfg, train = s.cfg, s.train
-    feats, _ = extract(s.model, train.images[universe], train.mean, train.std, device=s.device,
+    images = train.images[universe]
+    if cfg.fine_features == "augmented":
+        images = augmented_copy(images, train.augment, epoch_seed(cfg.seed, 10_000 + epoch))
+    feats, _ = extract(s.model, images, train.mean, train.std, device=s.device,
                        precision=s.precision, channels_last=s.channels_last)
     labels = train.labels[universe]
     basis = None if first else np.searchsorted(universe, current)

@@ -289,14 +289,13 @@ def plan(scale: Scale, seeds: int, data: list[str], common: list[str], teacher_e
                     p.add(student(f"seq-medium-{key}", seed, med_t, scale.student, loss, tau))  # medium -> small
                     mid = p.add(student(f"seq-mid-{key}", seed, p.teacher, scale.medium, loss, tau))
                     p.add(student(f"seq-chain-{key}", seed, mid, scale.student, loss, tau))  # large -> medium -> small
-        if claim == "noise":
-            for noise in scale.noises:
-                tag, extra = noise.replace(":", ""), ["--label-noise", noise]
-                t = p.add(Run(f"teacher-{tag}", 0, ["train-teacher", "--arch", scale.noise_teacher or scale.teacher,
-                                                    *data, *extra,
-                                                    *common, "--epochs", str(teacher_epochs), "--seed", "0"],
-                              workdir))
-                for seed in range(seeds):
+        if claim == "noise":  # seed by seed, every noise: a plan cut short still has seeds of each
+            for seed in range(seeds):
+                for noise in scale.noises:
+                    tag, extra = noise.replace(":", ""), ["--label-noise", noise]
+                    t = p.add(Run(f"teacher-{tag}", 0, ["train-teacher", "--arch", scale.noise_teacher or scale.teacher,
+                                                        *data, *extra, *common, "--epochs", str(teacher_epochs),
+                                                        "--seed", "0"], workdir))
                     for _, key, loss, tau in NOISE_COLUMNS:
                         p.add(student(f"{tag}-{key}", seed, None if loss == "ce" else t, scale.student, loss, tau,
                                       extra))

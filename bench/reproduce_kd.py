@@ -358,7 +358,7 @@ def tables(scale: Scale, records: list[dict], teachers: dict[str, dict], header:
             row = f"| {label} | " + " | ".join(cells(by_key, fmt_key.format(k=c[1])) for c in SEQ_LOSSES) + " |"
             lines.append(row + (f" {PAPER_SEQ_KL3[path]:.2f} |" if scale.name == "paper" else ""))
     if "noise" in claims:
-        lines += ["", f"Label noise: teacher {scale.teacher} and students {scale.student} on the same noisy "
+        lines += ["", f"Label noise: teacher {scale.noise_teacher or scale.teacher} and students {scale.student} on the same noisy "
                   "labels; CE only is the student trained on them without a teacher:", "",
                   "| noise | " + " | ".join(c[0] for c in NOISE_COLUMNS) + " |",
                   "|---" * (len(NOISE_COLUMNS) + 1) + "|"]

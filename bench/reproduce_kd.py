@@ -41,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -52,37 +53,85 @@ COLUMNS = [("CE only", "ce", "ce", None), ("KL τ=1", "kl-1", "kl", 1), ("KL τ=
            ("KL τ=5", "kl-5", "kl", 5), ("KL τ=20", "kl-20", "kl", 20),
            ("KL τ=∞ (kl-inf)", "kl-inf", "kl-inf", None),
            ("MSE", "mse", "mse", None)]
+# The label-noise claim: students of a teacher trained on the noisy labels, against CE on the same labels.
+NOISE_COLUMNS = [("CE only", "ce", "ce", None), ("KL τ=0.5", "kl-0.5", "kl", 0.5), ("KL τ=1", "kl-1", "kl", 1),
+                 ("KL τ=3", "kl-3", "kl", 3), ("KL τ=20", "kl-20", "kl", 20),
+                 ("KL τ=∞ (kl-inf)", "kl-inf", "kl-inf", None), ("MSE", "mse", "mse", None)]
+# Sequential distillation as the paper ran it, with KL tau = 3 and with MSE.
+SEQ_LOSSES = [("KL τ=3", "kl-3", "kl", 3), ("MSE", "mse", "mse", None)]
 # Kim et al. (IJCAI 2021), CIFAR-100, WRN-28-4 -> WRN-16-2, KL with alpha = 1: student test top-1 (%).
 PAPER_KL = {"kl-1": 72.90, "kl-3": 74.24, "kl-5": 74.88, "kl-20": 75.76, "kl-inf": 75.51}
+# KL tau = 3, WRN-16-2 students: from WRN-28-4, from WRN-16-4, and WRN-28-4 -> WRN-16-4 -> WRN-16-2
+# (a secondary source's report of the paper's sequential table; not checked against a primary one).
+PAPER_SEQ_KL3 = {"direct": 74.24, "medium": 74.52, "chain": 74.84}
+CLAIMS = ("compare", "sequential", "noise")
+
+# The official recipe (jhoon-oh/kd_data): SGD 0.1, momentum 0.9, Nesterov, wd 5e-4 not on BatchNorm
+# or biases, batch 128, 200 epochs, x0.1 at epochs 100 and 150, pad-crop + flip, alpha = 1, fp32.
+PAPER_RECIPE = ["--optimizer", "sgd", "--lr", "0.1", "--nesterov", "--weight-decay", "5e-4", "--batch-size", "128",
+                "--schedule", "multistep:100,150:0.1", "--augment", "crop-flip", "--precision", "fp32"]
 
 
 @dataclass
 class Scale:
-    """One experimental setting: data, the three architectures, epochs, seeds, shared options."""
+    """One experimental setting: data, the networks (teacher -> medium -> student), epochs, seeds,
+    the options every run takes (``recipe``), the label noises of the noise claim, and what the
+    scale keeps of the paper's recipe (``keeps``)."""
 
     name: str
     data: str
     teacher: str
+    medium: str
     student: str
-    small: str
     teacher_epochs: int
     epochs: int
     seeds: int
-    train_options: list[str] = field(default_factory=list)
+    recipe: list[str] = field(default_factory=list)
+    noises: tuple[str, ...] = ("sym:0.4", "asym:0.4")
+    val_fraction: float = 0.1
+    per_class: int = 0  # a class-balanced subset of the training set (--keep); 0: all of it
+    noise_teacher: str = ""  # the noise claim's teacher when not ``teacher``
     note: str = ""
+    keeps: str = ""
 
 
 SCALES = {
-    "quick": Scale("quick", "digits", "cnn", "cnn-8", "mlp-32", teacher_epochs=30, epochs=30, seeds=5,
-                   note="digits: 1438 train / 359 test images (scikit-learn's 8x8 digits, stratified split)"),
+    "quick": Scale("quick", "digits", "cnn", "cnn-16", "cnn-8", teacher_epochs=30, epochs=30, seeds=5,
+                   note="digits: 1438 train / 359 test images (scikit-learn's 8x8 digits, stratified split); "
+                        "10% of the training images held out for validation",
+                   keeps="kdfine's default optimizer, which is the paper's (SGD 0.1, momentum 0.9, Nesterov, "
+                         "wd 5e-4 not on BatchNorm/biases, batch 128, x0.1 at 50% and 75% of the epochs), "
+                         "alpha = 1; shortens the data (digits, no augmentation), the networks and the epochs"),
     "cifar10-cpu": Scale("cifar10-cpu", "cifar10-jpeg", "wrn-16-2", "wrn-16-1", "wrn-10-1", teacher_epochs=15,
-                         epochs=5, seeds=2, train_options=["--eval-every", "1000"],
-                         note="CIFAR-10 JPEG: 10,000 train images (1,000 per class, --keep), all 10,000 test images"),
-    "paper": Scale("paper", "cifar100", "wrn-28-4", "wrn-16-2", "wrn-16-1", teacher_epochs=200, epochs=200, seeds=3,
-                   train_options=["--lr", "0.1", "--weight-decay", "5e-4", "--batch-size", "128",
-                                  "--schedule", "multistep:100,150"],
-                   note="CIFAR-100: 50,000 train / 10,000 test images"),
+                         epochs=15, seeds=2, recipe=["--eval-every", "1000"], val_fraction=0.0, per_class=200,
+                         noise_teacher="wrn-16-1",
+                         note="CIFAR-10 JPEG: 2,000 train images (200 per class, --keep), all 10,000 test images; "
+                              "no validation split (last-epoch accuracy only)",
+                         keeps="the paper's optimizer and schedule shape (SGD 0.1 Nesterov, wd 5e-4 not on "
+                               "BatchNorm/biases, batch 128, x0.1 at 50% and 75%), crop+flip, alpha = 1; shortens "
+                               "the data (CIFAR-10, 2k images), the networks (WRN-16-2 -> WRN-16-1 -> WRN-10-1; the "
+                               "noise claim's teacher is WRN-16-1) and the epochs, to fit 2 shared cores; "
+                               "bf16 teachers where the CPU has native bf16"),
+    "paper": Scale("paper", "cifar100", "wrn-28-4", "wrn-16-4", "wrn-16-2", teacher_epochs=200, epochs=200, seeds=3,
+                   recipe=PAPER_RECIPE,
+                   note="CIFAR-100: 50,000 train / 10,000 test images; 10% of the training images held out for "
+                        "validation (--val-fraction 0, the paper's own split, trains on all 50,000)",
+                   keeps="the whole official recipe"),
 }
+
+
+@dataclass
+class Plan:
+    """The runs of one invocation, in the order they run: the clean teacher and every run of the
+    claims asked for (each teacher before its students), plus lookups for the tables."""
+
+    teacher: "Run"
+    runs: list["Run"] = field(default_factory=list)
+
+    def add(self, run: "Run") -> "Run":
+        if all(r.stem != run.stem for r in self.runs):
+            self.runs.append(run)
+        return run
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -124,7 +173,7 @@ def balanced_keep(root: Path, workdir: Path, per_class: int = 1000, seed: int = 
 def data_options(scale: Scale, args: argparse.Namespace, workdir: Path) -> list[str]:
     if scale.data == "cifar10-jpeg":
         root = cifar_root(args, workdir)
-        keep = balanced_keep(root, workdir)
+        keep = balanced_keep(root, workdir, per_class=scale.per_class)
         return ["--data", f"imagefolder:{root}", "--keep", str(keep)]
     opts = ["--data", scale.data]
     if args.data_root:
@@ -168,13 +217,20 @@ class Run:
         return [sys.executable, "-m", "kdfine", *self.argv, "--out", str(self.out),
                 "--log", str(self.workdir / f"{self.stem}.epochs.jsonl"), "--resume", "--json", "-q"]
 
+    def cached(self) -> dict | None:
+        """The recorded result of a finished run, else None."""
+        if not (self.record.exists() and self.out.exists()):
+            return None
+        rec = json.loads(self.record.read_text())
+        rec.setdefault("finished", dt.datetime.fromtimestamp(self.record.stat().st_mtime, dt.timezone.utc)
+                       .strftime("%Y-%m-%d %H:%M UTC"))
+        rec["cached"] = True
+        return rec
+
     def execute(self, device: str) -> dict:
         """Run the command unless its result is recorded; returns the JSON-line record."""
-        if self.record.exists() and self.out.exists():
-            rec = json.loads(self.record.read_text())
-            rec.setdefault("finished", dt.datetime.fromtimestamp(self.record.stat().st_mtime, dt.timezone.utc)
-                           .strftime("%Y-%m-%d %H:%M UTC"))
-            rec["cached"] = True
+        rec = self.cached()
+        if rec is not None:
             return rec
         cmd = self.command() + ["--device", device]
         log("$ " + shlex.join(["kdfine", *cmd[3:]]))
@@ -186,41 +242,63 @@ class Run:
             raise SystemExit(f"reproduce_kd: run {self.stem} failed with exit code {r.returncode}")
         result = json.loads(r.stdout)
         m = result["metrics"]
+        best = m.get("best_epoch") is not None  # --keep-best val: test_top1 is the best-val epoch's
         rec = {"run": self.key, "seed": self.seed, "command": shlex.join(["kdfine", *cmd[3:]]),
                "checkpoint": str(self.out), "sha256": result["sha256"], "arch": result["arch"],
-               "test_top1": m["test_top1"], "test_nll": m.get("test_nll"), "train_acc": m.get("train_acc"),
-               "img_per_s": m.get("img_per_s"), "seconds": round(seconds, 1),
+               "test_top1": m["test_top1"], "test_top1_last": m.get("test_top1_last", m["test_top1"]),
+               "test_top1_best_val": m["test_top1"] if best else None, "best_epoch": m.get("best_epoch"),
+               "val_top1_best": m.get("val_top1_best"), "test_nll": m.get("test_nll"),
+               "train_acc": m.get("train_acc"), "img_per_s": m.get("img_per_s"), "seconds": round(seconds, 1),
                "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         self.record.write_text(json.dumps(rec) + "\n")
         rec["cached"] = False
         return rec
 
 
+def kd_options(loss: str, tau: float | None) -> list[str]:
+    return ["--loss", loss, "--alpha", "1.0"] + (["--tau", f"{tau:g}"] if tau is not None else [])
+
+
 def plan(scale: Scale, seeds: int, data: list[str], common: list[str], teacher_epochs: int, epochs: int,
-         workdir: Path) -> tuple[Run, list[Run]]:
-    """The teacher run (seed 0) and, seed by seed, every student run."""
-    teacher = Run("teacher", 0, ["train-teacher", "--arch", scale.teacher, *data, *common,
-                                 "--epochs", str(teacher_epochs), "--seed", "0"], workdir)
-    runs = []
-    for seed in range(seeds):
-        opts = [*data, *common, "--epochs", str(epochs), "--seed", str(seed)]
-        mse_student = None
-        for _, key, loss, tau in COLUMNS:
-            if loss == "ce":
-                run = Run(key, seed, ["train-teacher", "--arch", scale.student, *opts], workdir)
-            else:
-                kd = ["--loss", loss, "--alpha", "1.0"] + (["--tau", str(tau)] if tau is not None else [])
-                run = Run(key, seed, ["distill", "--teacher", str(teacher.out), "--arch", scale.student, *kd, *opts],
-                          workdir)
-            if key == "mse":
-                mse_student = run
-            runs.append(run)
-        runs.append(Run("small-ce", seed, ["train-teacher", "--arch", scale.small, *opts], workdir))
-        runs.append(Run("seq-direct", seed, ["distill", "--teacher", str(teacher.out), "--arch", scale.small,
-                                             "--loss", "mse", *opts], workdir))
-        runs.append(Run("seq-chain", seed, ["distill", "--teacher", str(mse_student.out), "--arch", scale.small,
-                                            "--loss", "mse", *opts], workdir))
-    return teacher, runs
+         workdir: Path, claims: Sequence[str] = CLAIMS) -> Plan:
+    """Every run of the claims asked for, claim by claim and seed by seed. Runs shared by two
+    claims (the direct KL tau=3 and MSE students) appear once."""
+    t_opts = [*data, *common, "--epochs", str(teacher_epochs), "--seed", "0"]
+    p = Plan(Run("teacher", 0, ["train-teacher", "--arch", scale.teacher, *t_opts], workdir))
+
+    def student(key: str, seed: int, teacher: Run | None, arch: str, loss: str, tau, extra=()) -> Run:
+        opts = [*data, *extra, *common, "--epochs", str(epochs), "--seed", str(seed)]
+        if teacher is None:
+            return Run(key, seed, ["train-teacher", "--arch", arch, *opts], workdir)
+        return Run(key, seed, ["distill", "--teacher", str(teacher.out), "--arch", arch, *kd_options(loss, tau),
+                               *opts], workdir)
+
+    for claim in claims:
+        if claim in ("compare", "sequential"):
+            p.add(p.teacher)
+        if claim == "sequential":  # the medium network as a teacher of its own, trained with CE
+            med_t = p.add(Run("medium-teacher", 0, ["train-teacher", "--arch", scale.medium, *t_opts], workdir))
+        for seed in range(seeds):
+            if claim == "compare":
+                for _, key, loss, tau in COLUMNS:
+                    p.add(student(key, seed, None if loss == "ce" else p.teacher, scale.student, loss, tau))
+            elif claim == "sequential":
+                for _, key, loss, tau in SEQ_LOSSES:
+                    p.add(student(key, seed, p.teacher, scale.student, loss, tau))  # large -> small
+                    p.add(student(f"seq-medium-{key}", seed, med_t, scale.student, loss, tau))  # medium -> small
+                    mid = p.add(student(f"seq-mid-{key}", seed, p.teacher, scale.medium, loss, tau))
+                    p.add(student(f"seq-chain-{key}", seed, mid, scale.student, loss, tau))  # large -> medium -> small
+        if claim == "noise":  # seed by seed, every noise: a plan cut short still has seeds of each
+            for seed in range(seeds):
+                for noise in scale.noises:
+                    tag, extra = noise.replace(":", ""), ["--label-noise", noise]
+                    t = p.add(Run(f"teacher-{tag}", 0, ["train-teacher", "--arch", scale.noise_teacher or scale.teacher,
+                                                        *data, *extra, *common, "--epochs", str(teacher_epochs),
+                                                        "--seed", "0"], workdir))
+                    for _, key, loss, tau in NOISE_COLUMNS:
+                        p.add(student(f"{tag}-{key}", seed, None if loss == "ce" else t, scale.student, loss, tau,
+                                      extra))
+    return p
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -238,44 +316,86 @@ def cell(values: list[float]) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def tables(scale: Scale, records: list[dict], teacher: dict, header: list[str]) -> str:
-    by_key: dict[str, list[float]] = {}
+def cells(by_key: dict[str, list[dict]], key: str) -> str:
+    """``last-epoch / best-val`` test top-1 over seeds (the best-val part when the runs kept it)."""
+    recs = by_key.get(key, [])
+    last = cell([r["test_top1_last"] for r in recs])
+    best = [r["test_top1_best_val"] for r in recs if r.get("test_top1_best_val") is not None]
+    return f"{last} / {cell(best)}" if best else last
+
+
+def tables(scale: Scale, records: list[dict], teachers: dict[str, dict], header: list[str],
+           claims: Sequence[str]) -> str:
+    by_key: dict[str, list[dict]] = {}
     for r in records:
-        by_key.setdefault(r["run"], []).append(r["test_top1"])
+        by_key.setdefault(r["run"], []).append(r)
     n = max((len(v) for v in by_key.values()), default=0)
-    lines = [*header, ""]
-    lines.append(f"Teacher {scale.teacher}: test top-1 {100 * teacher['test_top1']:.2f}% (seed 0). "
-                 f"Students: {scale.student}, alpha = 1.0, test top-1 (%) as mean ± std over {n} seed(s).")
-    lines.append("")
-    lines.append("| student | " + " | ".join(c[0] for c in COLUMNS) + " |")
-    lines.append("|---" * (len(COLUMNS) + 1) + "|")
-    lines.append(f"| {scale.student} (kdfine) | " + " | ".join(cell(by_key.get(c[1], [])) for c in COLUMNS) + " |")
-    if scale.name == "paper":
-        lines.append("| WRN-16-2 (Kim et al. 2021) | " + " | ".join(
-            f"{PAPER_KL[c[1]]:.2f}" if c[1] in PAPER_KL else "—" for c in COLUMNS) + " |")
-    lines += ["", "Sequential distillation (MSE, alpha = 1.0), test top-1 (%):", "",
-              "| small student | path | test top-1 |", "|---|---|---|",
-              f"| {scale.small} | CE only (no teacher) | {cell(by_key.get('small-ce', []))} |",
-              f"| {scale.small} | {scale.teacher} → {scale.small} | {cell(by_key.get('seq-direct', []))} |",
-              f"| {scale.small} | {scale.teacher} → {scale.student} → {scale.small} | "
-              f"{cell(by_key.get('seq-chain', []))} |", ""]
-    lines += ["Ordering checks (the paper: MSE ≥ KL with large τ ≥ KL with small τ > CE only; "
-              "large → medium → small ≥ large → small):", ""]
-    lines += [f"- {c}" for c in ordering(by_key)]
+    best = any(r.get("test_top1_best_val") is not None for r in records)
+    what = "last-epoch / best-validation-epoch test top-1 (%)" if best else "last-epoch test top-1 (%)"
+    lines = [*header, "", f"Cells: {what}, mean ± std over the seeds that finished (at most {n}); "
+             "— where no run finished. alpha = 1.0 for every distillation.", ""]
+    for name, rec in teachers.items():
+        kept = (f"; its best-validation epoch {rec['best_epoch']}, the weights the students learn from: "
+                f"{100 * rec['test_top1_best_val']:.2f}%" if rec.get("test_top1_best_val") is not None else "")
+        lines.append(f"- {name} (seed 0): last-epoch test top-1 {100 * rec['test_top1_last']:.2f}%{kept}")
+    if "compare" in claims:
+        lines += ["", f"KL against MSE, student {scale.student} of teacher {scale.teacher}:", "",
+                  "| student | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|",
+                  f"| {scale.student} (kdfine) | " + " | ".join(cells(by_key, c[1]) for c in COLUMNS) + " |"]
+        if scale.name == "paper":
+            lines.append("| WRN-16-2 (Kim et al. 2021) | " + " | ".join(
+                f"{PAPER_KL[c[1]]:.2f}" if c[1] in PAPER_KL else "— (not verified)" if c[1] == "mse" else "—"
+                for c in COLUMNS) + " |")
+    if "sequential" in claims:
+        lines += ["", f"Sequential distillation, student {scale.student}:", "",
+                  "| path | " + " | ".join(c[0] for c in SEQ_LOSSES) + " |" + (" KL τ=3, published |"
+                                                                                if scale.name == "paper" else ""),
+                  "|---" * (len(SEQ_LOSSES) + 1 + (scale.name == "paper")) + "|"]
+        for path, fmt_key in [("direct", "{k}"), ("medium", "seq-medium-{k}"), ("chain", "seq-chain-{k}")]:
+            label = {"direct": f"{scale.teacher} → {scale.student}",
+                     "medium": f"{scale.medium} (CE) → {scale.student}",
+                     "chain": f"{scale.teacher} → {scale.medium} → {scale.student}"}[path]
+            row = f"| {label} | " + " | ".join(cells(by_key, fmt_key.format(k=c[1])) for c in SEQ_LOSSES) + " |"
+            lines.append(row + (f" {PAPER_SEQ_KL3[path]:.2f} |" if scale.name == "paper" else ""))
+    if "noise" in claims:
+        lines += ["", f"Label noise: teacher {scale.noise_teacher or scale.teacher} and students {scale.student} on the same noisy "
+                  "labels; CE only is the student trained on them without a teacher:", "",
+                  "| noise | " + " | ".join(c[0] for c in NOISE_COLUMNS) + " |",
+                  "|---" * (len(NOISE_COLUMNS) + 1) + "|"]
+        for noise in scale.noises:
+            tag = noise.replace(":", "")
+            lines.append(f"| {noise} | " + " | ".join(cells(by_key, f"{tag}-{c[1]}") for c in NOISE_COLUMNS) + " |")
+    lines += ["", "Claims (difference of means of the last-epoch accuracy; the larger std of the two beside it):", ""]
+    lines += [f"- {c}" for c in verdicts(by_key, scale, claims)]
     return "\n".join(lines) + "\n"
 
 
-def ordering(by_key: dict[str, list[float]]) -> list[str]:
-    """Each of the paper's claims, with our difference of means and the larger of the two stds."""
-    claims = [("mse", "kl-20", "MSE ≥ KL τ=20", False), ("mse", "kl-inf", "MSE ≥ KL τ=∞", False),
-              ("kl-20", "kl-1", "KL τ=20 ≥ KL τ=1", False), ("kl-5", "kl-1", "KL τ=5 ≥ KL τ=1", False),
-              ("kl-1", "ce", "KL τ=1 > CE only", True), ("mse", "ce", "MSE > CE only", True),
-              ("seq-chain", "seq-direct", "large → medium → small ≥ large → small", False)]
+def verdicts(by_key: dict[str, list[dict]], scale: Scale, claims: Sequence[str]) -> list[str]:
+    """Each of the paper's claims that the finished runs can test: our difference of means."""
+    pairs = []
+    if "compare" in claims:
+        pairs += [("mse", "kl-20", "MSE ≥ KL τ=20", False), ("mse", "kl-inf", "MSE ≥ KL τ=∞", False),
+                  ("kl-20", "kl-1", "KL τ=20 ≥ KL τ=1", False), ("kl-5", "kl-1", "KL τ=5 ≥ KL τ=1", False),
+                  ("kl-1", "ce", "KL τ=1 > CE only", True), ("mse", "ce", "MSE > CE only", True)]
+    if "sequential" in claims:
+        for label, key, _, _ in SEQ_LOSSES:
+            pairs += [(f"seq-chain-{key}", key, f"{label}: large → medium → small ≥ large → small", False),
+                      (f"seq-chain-{key}", f"seq-medium-{key}", f"{label}: large → medium → small ≥ medium → small",
+                       False)]
+    if "noise" in claims:
+        for noise in scale.noises:
+            t = noise.replace(":", "")
+            pairs += [(f"{t}-kl-0.5", f"{t}-ce", f"{noise}: KL τ=0.5 > CE only", True),
+                      (f"{t}-kl-1", f"{t}-ce", f"{noise}: KL τ=1 > CE only", True),
+                      (f"{t}-kl-0.5", f"{t}-kl-20", f"{noise}: KL τ=0.5 ≥ KL τ=20 (small τ mitigates the noise)",
+                       False),
+                      (f"{t}-kl-1", f"{t}-mse", f"{noise}: KL τ=1 ≥ MSE", False)]
     out = []
-    for a, b, text, strict in claims:
+    for a, b, text, strict in pairs:
         if not by_key.get(a) or not by_key.get(b):
+            out.append(f"{text}: not tested (runs not finished)")
             continue
-        (ma, sa), (mb, sb) = summary([100 * v for v in by_key[a]]), summary([100 * v for v in by_key[b]])
+        (ma, sa), (mb, sb) = (summary([100 * r["test_top1_last"] for r in by_key[k]]) for k in (a, b))
         diff = ma - mb
         spread = max(s for s in (sa, sb, 0.0) if s is not None)
         verdict = "holds" if diff > 0 or (diff == 0 and not strict) else "does not hold"
@@ -292,11 +412,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="quick")
+    p.add_argument("--claims", default=",".join(CLAIMS),
+                   help="comma-separated, run in this order: compare (KL vs MSE), sequential, noise "
+                        "[default: %(default)s]")
     p.add_argument("--workdir", help="checkpoints, logs and results [default: $KDFINE_CACHE/bench/kd-SCALE, "
                                      "KDFINE_CACHE defaulting to ~/.cache/kdfine]")
     p.add_argument("--seeds", type=int, help="student seeds (0..N-1) [default: the scale's]")
     p.add_argument("--epochs", type=int, help="student epochs [default: the scale's]")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs [default: the scale's]")
+    p.add_argument("--val-fraction", type=float, help="held-out validation share for --keep-best val (0: none) "
+                                                      "[default: the scale's]")
     p.add_argument("--device", default="auto", help="passed to every kdfine command (auto, cpu, cuda, ...)")
     p.add_argument("--cifar-root", help="cifar10-cpu: an extracted CIFAR-10 JPEG tree (train/, test/)")
     p.add_argument("--cifar-archive", help="cifar10-cpu: the cifar10-jpeg.tar.gz to extract when no tree is given "
@@ -304,12 +429,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", help="paper: torchvision data directory, passed as --data-root")
     p.add_argument("--download", action="store_true", help="paper: let torchvision fetch CIFAR-100")
     p.add_argument("--dry-run", action="store_true", help="print the kdfine commands and exit")
+    p.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
     args = p.parse_args(argv)
 
     scale = SCALES[args.scale]
+    claims = [c.strip() for c in args.claims.split(",") if c.strip()]
+    if not claims or any(c not in CLAIMS for c in claims):
+        p.error(f"--claims {args.claims}: expected a comma-separated list of {', '.join(CLAIMS)}")
     seeds = args.seeds or scale.seeds
     epochs = args.epochs or scale.epochs
     teacher_epochs = args.teacher_epochs or scale.teacher_epochs
+    val = scale.val_fraction if args.val_fraction is None else args.val_fraction
+    common = [*scale.recipe, *(["--val-fraction", f"{val:g}", "--keep-best", "val"] if val > 0 else [])]
     cache = Path(os.environ.get("KDFINE_CACHE") or Path.home() / ".cache" / "kdfine")
     workdir = Path(args.workdir).expanduser() if args.workdir else cache / "bench" / f"kd-{scale.name}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -317,36 +448,40 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO))
 
     data = data_options(scale, args, workdir)
-    teacher, runs = plan(scale, seeds, data, scale.train_options, teacher_epochs, epochs, workdir)
+    runs = plan(scale, seeds, data, common, teacher_epochs, epochs, workdir, claims).runs
     if args.dry_run:
-        for r in [teacher, *runs]:
+        for r in runs:
             print(shlex.join(["kdfine", *r.command()[3:], "--device", args.device]))
         return
 
     started = dt.datetime.now(dt.timezone.utc)
-    header = [f"### Scale `{scale.name}`", "",
+    header = [f"### Scale `{scale.name}`: {', '.join(claims)}", "",
               f"Command: `{shlex.join(['python', 'bench/reproduce_kd.py', *(sys.argv[1:] if argv is None else argv)])}`",
               f"Started {started:%Y-%m-%d %H:%M} UTC on {platform.node() or 'unknown host'} "
               f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"kdfine device `{args.device}`).",
-              f"Data: {scale.note}. Teacher {teacher_epochs} epochs, students {epochs} epochs"
-              + (f"; options {' '.join(scale.train_options)}" if scale.train_options else "") + "."]
-    jsonl = (workdir / "runs.jsonl").open("a")
-    total = len(runs) + 1
-    t_rec = teacher.execute(args.device)
-    emit(t_rec, scale, jsonl, 1, total)
-    records = []
-    for i, run in enumerate(runs, start=2):
-        rec = run.execute(args.device)
-        emit(rec, scale, jsonl, i, total)
-        records.append(rec)
-    jsonl.close()
+              f"Data: {scale.note}. Teachers {teacher_epochs} epochs, students {epochs} epochs"
+              + (f"; options {' '.join(common)}" if common else "") + ".",
+              f"Keeps of the paper's recipe: {scale.keeps}."]
+    records, teachers = [], {}
+    with (workdir / "runs.jsonl").open("a") as jsonl:
+        for i, run in enumerate(runs, start=1):
+            rec = run.cached() if args.report_only else run.execute(args.device)
+            if rec is None:
+                continue
+            emit(rec, scale, jsonl, i, len(runs))
+            if "teacher" in run.key:
+                teachers[f"{run.key} {rec['arch']}"] = rec
+            else:
+                records.append(rec)
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-    fresh = sum(r["seconds"] for r in [t_rec, *records] if not r["cached"])
-    done = sorted(r["finished"] for r in [t_rec, *records])
-    header.append(f"Runs trained {done[0]} to {done[-1]}. Wall time of this invocation {elapsed / 60:.1f} min "
-                  f"({fresh / 60:.1f} min of it in runs trained now; cached runs are reused).")
-    md = tables(scale, records, t_rec, header)
+    done = [rec for rec in [*teachers.values(), *records]]
+    fresh = sum(r["seconds"] for r in done if not r["cached"])
+    stamps = sorted(r["finished"] for r in done) or ["—"]
+    header.append(f"Runs finished {stamps[0]} to {stamps[-1]}: {len(done)} of {len(runs)} "
+                  f"({sum(r['seconds'] for r in done) / 60:.0f} min of training in all). Wall time of this "
+                  f"invocation {elapsed / 60:.1f} min ({fresh / 60:.1f} min of it in runs trained now).")
+    md = tables(scale, records, teachers, header, claims)
     (workdir / "results.md").write_text(md)
     print(md, flush=True)
 

@@ -104,10 +104,21 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     if ctx.is_main:
         reporter.print(_header(stage, arch, model, data, ctx, chosen, init))
     state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
-    result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=data.keep,
+    selection, val_index = data.keep, None
+    if cfg.val_fraction > 0:
+        from kdfine.data.prepare import split_validation
+
+        selection, val_index = split_validation(train.labels, cfg.val_fraction, cfg.seed, data.keep)
+        if ctx.is_main:
+            reporter.print(f"validation: {val_index.size} training images held out (--val-fraction "
+                           f"{cfg.val_fraction:g}), {selection.size} left to train on")
+    result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=selection,
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
-                 log_path=log, reporter=reporter, make_model=lambda seed: make(seed)[0])
+                 log_path=log, reporter=reporter, make_model=lambda seed: make(seed)[0], val_index=val_index)
     final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
+    if result.best_epoch is not None:  # --keep-best val: test_* are the best-validation epoch's
+        final.update(best_epoch=result.best_epoch, val_top1_best=result.best_val,
+                     test_top1_last=(result.test_last or {}).get("top1"))
     if result.history:
         last = result.history[-1]
         final.update(train_loss=last["loss"], train_acc=last["train_acc"],
@@ -126,7 +137,7 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     if result.selection is not None and cfg.fine_every > 0:
         final["fine_final_kept"] = int(result.selection.size)
     return {"path": str(out), "sha256": sha, "stage": stage, "arch": arch, "metrics": final,
-            "epochs": result.history}
+            "best_epoch": result.best_epoch, "epochs": result.history}
 
 
 def _with_weights_stats(data: Prepared, arch: str, model_opts: ModelOptions) -> Prepared:

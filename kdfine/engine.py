@@ -4,8 +4,9 @@
 log line, state file). What varies between training methods (networks, optimizers, what an epoch
 trains on, the step) is a :class:`kdfine.strategies.Strategy`; the resume state is
 :mod:`kdfine.state`, progress :mod:`kdfine.progress`, the clean stop on SIGINT/SIGTERM
-:mod:`kdfine.signals`. SGD (Nesterov, no weight decay on BatchNorm and biases), a multistep or
-cosine schedule, bf16 autocast and channels_last on CUDA, DistributedDataParallel under torchrun.
+:mod:`kdfine.signals`; the optimizer and the lr function :mod:`kdfine.optim`. With a validation
+split (``val_index``), every epoch is scored on it and ``--keep-best val`` returns the weights of
+the best epoch. bf16 autocast and channels_last on CUDA, DistributedDataParallel under torchrun.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from torch import nn
 
 from kdfine import distributed, metrics, state
 from kdfine.data.sources import ArrayDataset
-from kdfine.errors import InputError, Interrupted
+from kdfine.errors import InputError, Interrupted, UsageError
 from kdfine.device import resolve_precision, teacher_precision, use_channels_last
+from kdfine.data.prepare import validation_subset
 from kdfine.features import extract
+from kdfine.optim import lr_function, param_groups
 from kdfine.options import TrainConfig, parse_schedule
 from kdfine.progress import Reporter
 from kdfine.signals import StopFlag
 from kdfine.state import state_path
-from kdfine.strategies import Strategy, TrainSetup, param_groups
+from kdfine.strategies import Strategy, TrainSetup
 from kdfine.strategies import build as build_strategy
 
 __all__ = ["TrainConfig", "parse_schedule", "param_groups", "TeacherEnsemble", "Reporter", "state_path",
@@ -83,10 +86,32 @@ def evaluate(model: nn.Module, data: ArrayDataset, device: torch.device, precisi
 
 @dataclass
 class FitResult:
+    """``test``: metrics of the returned weights (the best-validation epoch's with ``--keep-best
+    val``); ``test_last``: the last epoch's, when those differ in kind; ``best_epoch`` (1-based)
+    and ``best_val`` (its validation top-1) with ``--keep-best val``."""
+
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, float] = field(default_factory=dict)
     selection: np.ndarray | None = None
+    test_last: dict[str, float] | None = None
+    best_epoch: int | None = None
+    best_val: float | None = None
+
+
+@dataclass
+class _Best:
+    """The epoch of best validation accuracy so far and a CPU copy of its weights."""
+
+    epoch: int | None = None
+    acc: float = -1.0
+    weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, epoch: int, acc: float, model: nn.Module) -> None:
+        """Keep ``model``'s weights when ``acc`` beats the best (ties keep the earlier epoch)."""
+        if acc > self.acc:
+            self.epoch, self.acc = epoch, acc
+            self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass
@@ -103,6 +128,9 @@ class _Run:
     lr_at: Callable[[float], float]
     log: TextIO | None = None
     log_path: str | None = None
+    val: ArrayDataset | None = None
+    val_index: np.ndarray | None = None
+    best: _Best = field(default_factory=_Best)
 
 
 def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torch.device,
@@ -110,7 +138,8 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         selection: np.ndarray | None = None, truth: np.ndarray | None = None,
         state_file: Path | None = None, resume: bool = False, force: bool = False,
         run_config: dict[str, Any] | None = None, log_path: str | None = None,
-        reporter: Reporter | None = None, make_model: Callable[[int], nn.Module] | None = None) -> FitResult:
+        reporter: Reporter | None = None, make_model: Callable[[int], nn.Module] | None = None,
+        val_index: np.ndarray | None = None) -> FitResult:
     """Train ``model`` in place on ``train`` (labels as given, noisy or not) and return it with the
     per-epoch history and final test metrics.
 
@@ -119,13 +148,18 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
     read back when ``resume`` (``force``: even when ``run_config`` differs from the saved one);
     log_path: one JSON line per epoch (rank 0); make_model(seed): a new network of ``model``'s
     architecture (the second network of ``--fine-strategy coteach|dividemix``).
+    val_index: training indices held out for validation (never in ``selection``), scored after
+    every epoch (``val_acc``) and, with ``cfg.keep_best == "val"``, the source of the returned weights.
     """
     cfg.validate()
+    if cfg.keep_best == "val" and val_index is None:
+        raise UsageError("--keep-best val needs a validation split (--val-fraction)")
     reporter = reporter or Reporter(enabled=distributed.context().is_main)
     setup = _setup(model, train, cfg, device, teacher, selection, truth)
     setup.make_model = make_model
     run = _Run(cfg, setup, build_strategy(setup), test, reporter, state_file, dict(run_config or {}),
-               parse_schedule(cfg.schedule, cfg.epochs), log_path=log_path)
+               lr_function(cfg), log_path=log_path, val_index=val_index,
+               val=None if val_index is None else validation_subset(train, val_index))
     start, history = _restore(run, resume, force)
     run.log = _open_log(log_path, history)
     last_test: dict[str, float] = {}  # metrics of the last epoch's evaluation, reused as the final ones
@@ -141,7 +175,12 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         reporter.close()
         _close_log(run.log)
     final = last_test or (_evaluate(run) if test is not None else {})
-    return FitResult(model, history, final, run.strategy.selection())
+    result = FitResult(model, history, final, run.strategy.selection())
+    if cfg.keep_best == "val" and run.best.weights is not None:
+        model.load_state_dict(run.best.weights)
+        result.test_last, result.best_epoch, result.best_val = final, run.best.epoch, run.best.acc
+        result.test = _evaluate(run) if test is not None else {}
+    return result
 
 
 def _setup(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, device: torch.device,
@@ -167,6 +206,7 @@ def _restore(run: _Run, resume: bool, force: bool) -> tuple[int, list[dict[str, 
         state.check_config(path, info, run.run_config, force)
         state.restore(path, tensors, info, run.strategy.models, run.strategy.optimizers)
         run.strategy.load(tensors)
+        _restore_validation(run, path, tensors, info)
         start, history = int(info["epoch"]), list(info.get("history", []))
         run.reporter.print(f"resuming from {path} after epoch {start}/{run.cfg.epochs}")
     elif resume and ctx.is_main:
@@ -214,6 +254,11 @@ def _finish_epoch(run: _Run, epoch: int, rec: dict[str, Any], history: list[dict
     """Test metrics (every ``eval_every`` epochs and after the last), the epoch line, the log line
     and the resume state. Returns the test metrics when this was the last epoch, else {}."""
     cfg, last = run.cfg, {}
+    if run.val is not None:
+        v = evaluate(run.strategy.models[0], run.val, run.setup.device, run.setup.precision, run.setup.channels_last)
+        rec.update(val_acc=v["top1"], val_nll=v["nll"])
+        if cfg.keep_best == "val":
+            run.best.offer(epoch + 1, v["top1"], run.strategy.models[0])
     if run.test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
         m = _evaluate(run)
         rec.update(test_acc=m["top1"], test_nll=m["nll"])
@@ -235,8 +280,25 @@ def _finish_epoch(run: _Run, epoch: int, rec: dict[str, Any], history: list[dict
 
 
 def _save(run: _Run, epoch: int, history: list[dict[str, Any]]) -> None:
-    info = {"epoch": epoch + 1, "history": history, "config": run.run_config, "train_config": asdict(run.cfg)}
-    state.save_state(run.state_file, run.strategy.models, run.strategy.optimizers, run.strategy.state(), info)
+    info = {"epoch": epoch + 1, "history": history, "config": run.run_config, "train_config": asdict(run.cfg),
+            "best_epoch": run.best.epoch, "best_val": run.best.acc}
+    tensors = dict(run.strategy.state())
+    if run.val_index is not None:
+        tensors["val_index"] = torch.from_numpy(np.ascontiguousarray(run.val_index, dtype=np.int64))
+    tensors.update({f"best.{k}": v.contiguous() for k, v in (run.best.weights or {}).items()})
+    state.save_state(run.state_file, run.strategy.models, run.strategy.optimizers, tensors, info)
+
+
+def _restore_validation(run: _Run, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """The saved validation split must be this run's; the best epoch's weights come back."""
+    saved = tensors.get("val_index")
+    now = run.val_index
+    if (saved is None) != (now is None) or (now is not None and not np.array_equal(saved.numpy(), now)):
+        raise UsageError(f"--resume: {path} was written with another validation split; rerun with the recorded "
+                         "--val-fraction, --seed and data, or delete it to start from scratch")
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    if best and info.get("best_epoch") is not None:
+        run.best = _Best(int(info["best_epoch"]), float(info["best_val"]), best)
 
 
 def _evaluate(run: _Run) -> dict[str, float]:

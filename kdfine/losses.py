@@ -57,16 +57,17 @@ def kl_inf_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
-            loss: str = "kl", tau: float = 4.0, alpha: float = 1.0) -> torch.Tensor:
+            loss: str = "kl", tau: float = 4.0, alpha: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
     """The scalar training loss of one batch (see the module docstring).
 
-    student_logits, teacher_logits: (B, K); labels: (B,) int64 (only read when CE contributes).
+    student_logits, teacher_logits: (B, K); labels: (B,) int64 (only read when CE contributes);
+    label_smoothing: of the CE terms (``--label-smoothing``, torch's definition), default 0.
     """
     zs = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
     if loss == "ce" or teacher_logits is None:
         if loss != "ce":
             raise UsageError(f"--loss {loss} needs a teacher")
-        return F.cross_entropy(zs, labels)
+        return F.cross_entropy(zs, labels, label_smoothing=label_smoothing)
     zt = teacher_logits.to(zs.dtype)
     if loss == "kl":
         kd = kl_term(zs, zt, tau)
@@ -78,7 +79,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
         raise ValueError(f"unknown distillation loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if alpha >= 1.0:
         return kd
-    return alpha * kd + (1.0 - alpha) * F.cross_entropy(zs, labels)
+    return alpha * kd + (1.0 - alpha) * F.cross_entropy(zs, labels, label_smoothing=label_smoothing)
 
 
 def _targets(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,10 @@ from kdfine.device import CHANNELS_LAST, PRECISIONS  # torch-free at import
 from kdfine.errors import UsageError
 
 SPLITS = ("train", "test")
-SCHEDULES = ("multistep", "multistep:E1,E2,...", "cosine", "constant")
+SCHEDULES = ("multistep", "multistep:E1,E2,...", "multistep:E1,E2,...:GAMMA", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+KEEP_BEST = ("last", "val")
+FINE_FEATURES = ("augmented", "plain")
 LOSSES = ("ce", "kl", "mse", "kl-inf")  # distill --loss; kdfine.losses implements exactly these (a test checks)
 LABEL_LOSSES = ("ce", "gce", "sce")  # train-teacher --loss: on the labels alone, noise-robust or not
 STRATEGIES = ("select", "coteach", "dividemix")  # --fine-strategy: FINE's three applications
@@ -125,7 +128,8 @@ def parse_schedule(spec: str, epochs: int) -> Callable[[float], float]:
     """LR multiplier as a function of fractional epoch ``t`` in [0, epochs).
 
     ``multistep`` (x0.1 at 50% and 75% of the epochs), ``multistep:E1,E2,...`` (x0.1 at those
-    epochs), ``cosine`` (per step, to 0), ``constant``.
+    epochs), ``multistep:E1,E2,...:GAMMA`` (xGAMMA at each, e.g. FINE's 0.01: the lr of epoch e,
+    1-based, is lr * GAMMA**(number of milestones < e)), ``cosine`` (per step, to 0), ``constant``.
     """
     kind, _, arg = spec.strip().lower().partition(":")
     if kind == "constant" and not arg:
@@ -133,17 +137,40 @@ def parse_schedule(spec: str, epochs: int) -> Callable[[float], float]:
     if kind == "cosine" and not arg:
         return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / epochs, 1.0)))
     if kind == "multistep":
-        if arg:
-            try:
-                milestones = sorted(int(m) for m in arg.split(","))
-            except ValueError:
-                raise UsageError(f"--schedule '{spec}': milestones must be integers, e.g. multistep:100,150") from None
-            if any(m < 1 for m in milestones):
-                raise UsageError(f"--schedule '{spec}': milestones must be >= 1")
-        else:
-            milestones = [max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75))]
-        return lambda t: 0.1 ** sum(int(t) >= m for m in milestones)
+        milestones, gamma = _multistep(spec, arg, epochs)
+        return lambda t: gamma ** sum(int(t) >= m for m in milestones)
     raise UsageError(f"--schedule '{spec}': expected one of {', '.join(SCHEDULES)}")
+
+
+def _multistep(spec: str, arg: str, epochs: int) -> tuple[list[int], float]:
+    """(milestones, gamma) of ``multistep[:E1,E2,...[:GAMMA]]``."""
+    steps, _, g = arg.partition(":")
+    gamma = 0.1
+    if g:
+        try:
+            gamma = float(g)
+        except ValueError:
+            raise UsageError(f"--schedule '{spec}': the decay factor must be a number, e.g. multistep:40,80:0.01") \
+                from None
+        if not (math.isfinite(gamma) and 0.0 < gamma <= 1.0):
+            raise UsageError(f"--schedule '{spec}': the decay factor must lie in (0, 1]")
+    if not steps:
+        if g:
+            raise UsageError(f"--schedule '{spec}': a decay factor needs its milestones, e.g. multistep:40,80:0.01")
+        return [max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75))], gamma
+    try:
+        milestones = sorted(int(m) for m in steps.split(","))
+    except ValueError:
+        raise UsageError(f"--schedule '{spec}': milestones must be integers, e.g. multistep:100,150") from None
+    if any(m < 1 for m in milestones):
+        raise UsageError(f"--schedule '{spec}': milestones must be >= 1")
+    return milestones, gamma
+
+
+def warmup_factor(t: float, warmup_epochs: int) -> float:
+    """The linear warm-up's multiplier at fractional epoch ``t``: (t + 1) / (N + 1) for t < N, then
+    1 — never 0, so the first step already learns, and exactly 1 from epoch N (0-based) on."""
+    return 1.0 if t >= warmup_epochs else (t + 1.0) / (warmup_epochs + 1.0)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -198,11 +225,29 @@ class TrainConfig:
                       "features for eval --dump-features).", panel=P_TRAIN, min=0)
     batch_size: int = opt(128, "--batch-size", "Global batch size (split across torchrun ranks).", panel=P_TRAIN,
                           min=1)
-    lr: float = opt(0.1, "--lr", "Peak learning rate (SGD, momentum 0.9, Nesterov).", panel=P_TRAIN)
+    optimizer: str = opt("sgd", "--optimizer", "sgd (momentum 0.9) or adamw (decoupled weight decay; give it a "
+                         "smaller --lr, e.g. 1e-3).", panel=P_TRAIN, choices=lambda: OPTIMIZERS)
+    lr: float = opt(0.1, "--lr", "Peak learning rate.", panel=P_TRAIN)
     momentum: float = 0.9  # not an option (yet): the recipes of both papers use 0.9
-    weight_decay: float = opt(5e-4, "--weight-decay", "Weight decay (not on BatchNorm or biases).", panel=P_TRAIN)
-    schedule: str = opt("multistep", "--schedule", "multistep (x0.1 at 50% and 75%), multistep:E1,E2, cosine or "
-                        "constant.", panel=P_TRAIN, completions=lambda: SCHEDULES)
+    nesterov: bool = opt(True, "--nesterov/--no-nesterov", "SGD with Nesterov momentum (the KD paper's code) or "
+                         "plain momentum (FINE's official code).", panel=P_TRAIN)
+    weight_decay: float = opt(5e-4, "--weight-decay", "Weight decay (not on BatchNorm or biases unless "
+                              "--decay-all).", panel=P_TRAIN)
+    decay_all: bool = opt(False, "--decay-all/--no-decay-all", "Weight decay on every parameter, BatchNorm and "
+                          "biases included (FINE's official code).", panel=P_TRAIN)
+    schedule: str = opt("multistep", "--schedule", "multistep (x0.1 at 50% and 75%), multistep:E1,E2 (x0.1 at "
+                        "those epochs), multistep:E1,E2:GAMMA (xGAMMA), cosine or constant.", panel=P_TRAIN,
+                        completions=lambda: SCHEDULES)
+    warmup_epochs: int = opt(0, "--warmup-epochs", "Linear learning-rate warm-up over the first N epochs (per "
+                             "step, from lr/(N+1)), then the schedule.", panel=P_TRAIN, min=0)
+    label_smoothing: float = opt(0.0, "--label-smoothing", "Label smoothing of the cross-entropy terms, in "
+                                 "[0, 1).", panel=P_TRAIN)
+    val_fraction: float = opt(0.0, "--val-fraction", "Hold out this share of the training set for validation "
+                              "(stratified by label, seeded by --seed; never the test set). 0: none.",
+                              panel=P_TRAIN)
+    keep_best: str = opt("last", "--keep-best", "Which weights to write: last (the last epoch's) or val (the "
+                         "epoch of best validation accuracy; needs --val-fraction).", panel=P_TRAIN,
+                         choices=lambda: KEEP_BEST)
     seed: int = opt(0, "--seed", "Seed of initialisation, data order and augmentation.", panel=P_TRAIN)
     precision: str = opt("auto", "--precision", "auto (bf16 autocast on CUDA; fp32 on a CPU, where distillation "
                          "teachers run in bf16 if the CPU has native bf16), fp32 or bf16.", panel=P_DEVICE,
@@ -222,6 +267,9 @@ class TrainConfig:
     fine_zeta: float = opt(0.5, "--fine-zeta", "Keep samples with P(clean) above this.", panel=P_FINE)
     fine_method: str = opt("gmm", "--fine-method", "Mixture of the FINE split.", panel=P_FINE,
                            choices=lambda: ("gmm", "kmeans"))
+    fine_features: str = opt("augmented", "--fine-features", "Features for the selection from the training "
+                             "images with the training augmentation (augmented, as the official code) or without "
+                             "it (plain).", panel=P_FINE, choices=lambda: FINE_FEATURES)
     fine_strategy: str = opt("select", "--fine-strategy", "select: train on FINE's selection; coteach: two "
                              "networks, each trained on the other's selection; dividemix: two networks, "
                              "semi-supervised on the other's split (needs --fine-every).", panel=P_FINE,
@@ -242,7 +290,16 @@ class TrainConfig:
         for name in ("batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
         check_number(self.lr, "--lr", low=0.0, low_open=True, high=1e4)
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise UsageError(f"--warmup-epochs {self.warmup_epochs}: must be an integer >= 0")
+        check_number(self.label_smoothing, "--label-smoothing", low=0.0, high=1.0, high_open=True)
+        check_number(self.val_fraction, "--val-fraction", low=0.0, high=1.0, high_open=True)
+        check_choice(self.keep_best, KEEP_BEST, "--keep-best")
+        if self.keep_best == "val" and self.val_fraction == 0:
+            raise UsageError("--keep-best val needs a validation split: add --val-fraction F (e.g. 0.1)")
+        check_choice(self.fine_features, FINE_FEATURES, "--fine-features")
         check_number(self.weight_decay, "--weight-decay", low=0.0, high=1.0)
         check_number(self.momentum, "--momentum", low=0.0, high=1.0, high_open=True)
         check_seed(self.seed)

@@ -44,6 +44,8 @@ class Reporter:
         if not self.show:
             return
         parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['loss']:.4f}", f"train {100 * rec['train_acc']:.1f}%"]
+        if "val_acc" in rec:
+            parts.append(f"val {100 * rec['val_acc']:.2f}%")
         if "test_acc" in rec:
             s = f"test {100 * rec['test_acc']:.2f}%"
             if "test_acc_net2" in rec:  # two networks: both, and their averaged prediction

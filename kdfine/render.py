@@ -10,11 +10,16 @@ from typing import Any
 
 
 def train_summary(result: dict[str, Any]) -> str:
-    """``wrote PATH  test top-1 X%  N img/s`` after a training command."""
+    """``wrote PATH  test top-1 X%  N img/s`` after a training command (with the best-validation
+    epoch under ``--keep-best val``)."""
     m = result["metrics"]
     parts = [f"wrote {result['path']}"]
     if "test_top1" in m:
         parts.append(f"test top-1 {100 * m['test_top1']:.2f}%")
+    if m.get("best_epoch") is not None:  # --keep-best val: the written weights are the best epoch's
+        last = m.get("test_top1_last")
+        parts.append(f"(best val {100 * m['val_top1_best']:.2f}% at epoch {m['best_epoch']}"
+                     + (f"; last epoch test {100 * last:.2f}%)" if last is not None else ")"))
     if "img_per_s" in m:
         parts.append(f"{m['img_per_s']:.0f} img/s")
     return "  ".join(parts)

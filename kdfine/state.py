@@ -22,7 +22,13 @@ RESUME_KEYS = ("arch", "data", "label_noise", "noise_seed", "labels", "keep", "l
                "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "fine_warmup",
                "fine_every", "fine_zeta", "fine_method", "image_size", "augment", "test_fraction", "fine_strategy",
                "gce_q", "sce_alpha", "sce_beta", "ssl_lambda_u", "ssl_threshold", "ssl_alpha", "ssl_temperature",
-               "train_set")
+               "train_set", "optimizer", "nesterov", "decay_all", "warmup_epochs", "label_smoothing", "val_fraction",
+               "keep_best", "fine_features")
+
+# What the states of older kdfine versions, which lack these keys, ran with (their FINE features
+# were the plain images).
+BEFORE_KEYS = {"optimizer": "sgd", "nesterov": True, "decay_all": False, "warmup_epochs": 0, "label_smoothing": 0.0,
+               "val_fraction": 0.0, "keep_best": "last", "fine_features": "plain"}
 
 
 def state_path(out: str | os.PathLike) -> Path:
@@ -32,6 +38,7 @@ def state_path(out: str | os.PathLike) -> Path:
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each option that must match for a resume to continue the same run."""
+    saved = {**{k: v for k, v in BEFORE_KEYS.items() if k in now}, **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
 
 

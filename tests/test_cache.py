@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import cli_env
 from kdfine.data import cache

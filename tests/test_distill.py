@@ -184,23 +184,3 @@ def test_teacher_dash_with_empty_stdin_exits_3(tmp_path):
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert "--teacher -: nothing was read from stdin" in r.stderr
     assert not out.exists()
-
-
-def test_paper_scale_reproduction_uses_the_papers_recipe(tmp_path):
-    """`bench/reproduce_kd.py --dry-run` prints the kdfine commands of the paper's setting."""
-    script = Path(__file__).resolve().parents[1] / "bench" / "reproduce_kd.py"
-    r = subprocess.run([sys.executable, str(script), "--scale", "paper", "--dry-run", "--seeds", "2",
-                        "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    cmds = [shlex.split(line) for line in r.stdout.splitlines()]
-    assert len(cmds) == 1 + 2 * 10  # the teacher, then 7 table columns and 3 sequential runs per seed
-    teacher = cmds[0]
-    assert teacher[:4] == ["kdfine", "train-teacher", "--arch", "wrn-28-4"]
-    for c in cmds:
-        opts = dict(zip(c, c[1:]))
-        assert (opts["--data"], opts["--epochs"], opts["--lr"], opts["--weight-decay"], opts["--batch-size"],
-                opts["--schedule"]) == ("cifar100", "200", "0.1", "5e-4", "128", "multistep:100,150")
-    kd = [dict(zip(c, c[1:])) for c in cmds if c[1] == "distill" and c[c.index("--arch") + 1] == "wrn-16-2"]
-    assert sorted((o["--loss"], o.get("--tau")) for o in kd if o["--seed"] == "0") == [
-        ("kl", "1"), ("kl", "20"), ("kl", "3"), ("kl", "5"), ("kl-inf", None), ("mse", None)]
-    assert all(o["--teacher"] == teacher[teacher.index("--out") + 1] and o["--alpha"] == "1.0" for o in kd)

@@ -60,6 +60,8 @@ def test_pages_render_cleanly_and_list_every_option_with_its_default():
             assert first_words in text, f"kdfine-{name}.1 lacks the help of {p.opts[0]}"
             if p.default not in (None, False) and not p.multiple and not p.required:
                 shown = repr(p.default) if isinstance(p.default, float) else str(p.default)
+                if p.default is True:  # an on-by-default --flag/--no-flag shows the flag that is on
+                    shown = p.opts[0]
                 assert f"Default: {shown}." in text, f"kdfine-{name}.1: no default for {p.opts[0]}"
         assert "EXIT STATUS" in text and "EXAMPLES" in text
 

@@ -2,7 +2,8 @@
 
 :func:`inherit_from` fills what the user did not give from a checkpoint (``eval``, ``distill``
 and ``clean`` default to the data a model was trained on); :func:`prepare` loads the source,
-replaces or corrupts the training labels and reads ``--keep``.
+replaces or corrupts the training labels and reads ``--keep``; :func:`split_validation` holds out
+the ``--val-fraction`` validation split from the training samples.
 """
 
 from __future__ import annotations
@@ -166,6 +167,33 @@ def _read_keep(path: str, train: ArrayDataset) -> np.ndarray:
         warnings.warn(f"--keep {path} leaves no sample of class {', '.join(empty[:5])}"
                       f"{' ...' if len(empty) > 5 else ''}", KdfineWarning, stacklevel=3)
     return keep
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int,
+                     within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices), both sorted, of the samples ``within`` (default all).
+
+    Stratified: per class (by ``labels``, the labels training sees, noisy ones included: a user's
+    validation set is as noisy as their training set), ``round(fraction * n_class)`` samples drawn
+    with ``seed``. FINE's official runs hold out 5,000 of CIFAR's 50,000 images (``fraction`` 0.1).
+    """
+    pool = np.arange(len(labels), dtype=np.int64) if within is None else np.sort(np.asarray(within, np.int64))
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)[pool]
+    val = []
+    for c in np.unique(y):
+        members = pool[y == c]
+        val.append(rng.permutation(members)[:int(round(fraction * members.size))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    if val_idx.size == 0 or val_idx.size == pool.size:
+        raise UsageError(f"--val-fraction {fraction:g}: holds out {val_idx.size} of {pool.size} training samples; "
+                         "choose a fraction that leaves samples on both sides")
+    return np.setdiff1d(pool, val_idx), val_idx
+
+
+def validation_subset(train: ArrayDataset, val_index: np.ndarray) -> ArrayDataset:
+    """The held-out samples as a dataset (the training split's normalisation, labels as trained on)."""
+    return replace(train, images=train.images[val_index], labels=train.labels[val_index], files=None, split="val")
 
 
 def check_compatible(ckpt: Any, data: ArrayDataset, what: str = "--teacher") -> None:

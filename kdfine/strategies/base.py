@@ -14,6 +14,7 @@ from kdfine import distributed, metrics
 from kdfine.data.sources import ArrayDataset
 from kdfine.features import extract
 from kdfine.losses import LABEL_LOSSES, kd_loss, label_loss
+from kdfine.optim import build_optimizer, param_groups  # noqa: F401 (param_groups: re-exported)
 
 
 @dataclass
@@ -99,19 +100,10 @@ def test_logits(s: TrainSetup, model: nn.Module, data: ArrayDataset) -> np.ndarr
     return logits
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv and linear weights only (not on BatchNorm parameters or biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def sgd(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (when momentum > 0), no weight decay on BatchNorm and biases."""
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.momentum > 0)
+    """The optimizer that ``cfg`` asks for (:func:`kdfine.optim.build_optimizer`: SGD or AdamW, no
+    decay on norms and biases unless ``--decay-all``)."""
+    return build_optimizer(model, cfg)
 
 
 def for_training(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
@@ -134,8 +126,9 @@ def batch_loss(cfg: Any, logits: torch.Tensor, labels: torch.Tensor,
     distillation loss with one. labels: (B,) int64 or soft targets (B, K)."""
     if teacher_logits is None and cfg.loss in LABEL_LOSSES:
         return label_loss(logits, labels, loss=cfg.loss, gce_q=cfg.gce_q, sce_alpha=cfg.sce_alpha,
-                          sce_beta=cfg.sce_beta)
-    return kd_loss(logits, teacher_logits, labels, loss=cfg.loss, tau=cfg.tau, alpha=cfg.alpha)
+                          sce_beta=cfg.sce_beta, label_smoothing=cfg.label_smoothing)
+    return kd_loss(logits, teacher_logits, labels, loss=cfg.loss, tau=cfg.tau, alpha=cfg.alpha,
+                   label_smoothing=cfg.label_smoothing)
 
 
 def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:

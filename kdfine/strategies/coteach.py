@@ -31,7 +31,7 @@ class CoteachStrategy(TwoNetworks):
         for i, model in enumerate(self.models):
             basis = None if self.own is None else self.own[i]
             prefix = "fine2" if i == 0 else "fine"  # named after the network that trains on it
-            sel, _, r = fine_round(self.setup, model, self.universe, basis, self.cfg.fine_zeta, prefix)
+            sel, _, r = fine_round(self.setup, model, self.universe, basis, self.cfg.fine_zeta, prefix, epoch=epoch)
             own.append(sel)
             rec.update(r)
         self.own = own

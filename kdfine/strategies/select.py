@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from kdfine import distributed, fine, metrics
-from kdfine.data.batches import TrainBatches
+from kdfine.data.augment import augmented_copy
+from kdfine.data.batches import TrainBatches, epoch_seed
 from kdfine.device import autocast
 from kdfine.features import extract
 from kdfine.strategies.base import Strategy, TrainSetup, batch_loss, for_training, optimise, sgd
@@ -56,7 +57,7 @@ class SelectStrategy(Strategy):
             return {}
         first = epoch == self.cfg.fine_warmup
         self.current, _, rec = fine_round(self.setup, self.setup.model, self.universe,
-                                          None if first else self.current, self.cfg.fine_zeta)
+                                          None if first else self.current, self.cfg.fine_zeta, epoch=epoch)
         self.loader.set_selection(self.current)
         return rec
 
@@ -97,18 +98,24 @@ def fine_select(s: TrainSetup, universe: np.ndarray, current: np.ndarray,
                 first: bool) -> tuple[np.ndarray, dict[str, Any]]:
     """One dynamic FINE round of ``s.model`` (see :func:`fine_round`): the new selection and the
     record's fields."""
-    selected, _, rec = fine_round(s, s.model, universe, None if first else current, s.cfg.fine_zeta)
+    selected, _, rec = fine_round(s, s.model, universe, None if first else current, s.cfg.fine_zeta)  # plain features
     return selected, rec
 
 
 def fine_round(s: TrainSetup, model: nn.Module, universe: np.ndarray, basis: np.ndarray | None, zeta: float,
-               prefix: str = "fine") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+               prefix: str = "fine", *, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One FINE round: ``model``'s un-augmented features of the training ``universe`` (sorted
     dataset indices), class vectors from the ``basis`` selection (all samples when None), scores,
     per-class split at ``zeta``. Returns the selection (sorted dataset indices), p_clean (float64,
-    one per universe row) and the record's fields, named ``PREFIX_kept`` etc."""
+    one per universe row) and the record's fields, named ``PREFIX_kept`` etc. With ``epoch`` and
+    ``--fine-features augmented`` the images pass through the training augmentation first (drawn
+    from ``--seed`` and ``epoch``), as the official dynamic selection does; DivideMix's split
+    passes no epoch (its recipe scores un-augmented images)."""
     train = s.train
-    feats, _ = extract(model, train.images[universe], train.mean, train.std, device=s.device,
+    images = train.images[universe]
+    if epoch is not None and s.cfg.fine_features == "augmented":
+        images = augmented_copy(images, train.augment, epoch_seed(s.cfg.seed, 10_000 + epoch))
+    feats, _ = extract(model, images, train.mean, train.std, device=s.device,
                        precision=s.precision, channels_last=s.channels_last)
     labels = train.labels[universe]
     with warnings.catch_warnings():

@@ -111,14 +111,15 @@ def sce(logits: torch.Tensor, labels: torch.Tensor, a: float = 0.1, b: float = 1
 
 
 def label_loss(logits: torch.Tensor, labels: torch.Tensor, *, loss: str = "ce", gce_q: float = 0.7,
-               sce_alpha: float = 0.1, sce_beta: float = 1.0) -> torch.Tensor:
+               sce_alpha: float = 0.1, sce_beta: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
     """The training loss on labels alone (``train-teacher --loss ce|gce|sce``), in float32 (or
-    float64 when given float64). logits: (B, K); labels: (B,) int64 or soft targets (B, K)."""
+    float64 when given float64). logits: (B, K); labels: (B,) int64 or soft targets (B, K);
+    ``label_smoothing`` applies to CE on integer labels (soft targets are already soft)."""
     z = logits if logits.dtype == torch.float64 else logits.float()
     if loss == "ce":
         if labels.ndim == 2:
             return -(labels.to(z.dtype) * F.log_softmax(z, dim=1)).sum(1).mean()
-        return F.cross_entropy(z, labels)
+        return F.cross_entropy(z, labels, label_smoothing=label_smoothing)
     if loss == "gce":
         return gce(z, labels, gce_q)
     if loss == "sce":

@@ -441,14 +441,17 @@ def label_log_likelihood(logits, labels: np.ndarray, chunk: int = 65536) -> np.n
     """log p(label_i | x_i) under ``logits`` (N, K), (N,) float64; computed in float64 row blocks, so a
     memory-mapped float32 (N, K) stays on disk (1M x 100 would be 800 MB as one float64 array).
     Raises ValueError when a logit is NaN or inf."""
-    from kdfine.metrics import log_softmax
-
     out = np.empty(labels.size)
     for lo in range(0, labels.size, chunk):
-        z = np.asarray(logits[lo:lo + chunk], dtype=np.float64)
+        z = np.array(logits[lo:lo + chunk], dtype=np.float64)  # a copy: shifted and exponentiated in place
         if not np.isfinite(z).all():
             raise NonFiniteLogits("logits contain NaN or inf")
-        out[lo:lo + z.shape[0]] = log_softmax(z)[np.arange(z.shape[0]), labels[lo:lo + z.shape[0]]]
+        rows = np.arange(z.shape[0])
+        z -= z.max(axis=1, keepdims=True)
+        picked = z[rows, labels[lo:lo + z.shape[0]]]  # (z - max)[y], as metrics.log_softmax has it
+        np.exp(z, out=z)
+        # log_softmax's column y alone: the other K - 1 columns of the (rows, K) result are never used
+        out[lo:lo + z.shape[0]] = picked - np.log(z.sum(axis=1))
     return out
 
 

@@ -62,7 +62,9 @@ def test_fine_paper_scale_carries_the_official_recipe(tmp_path):
     r = _dry_run("reproduce_fine.py", "--out", str(tmp_path))
     cmds = [shlex.split(line.split("] ", 1)[1]) for line in r.stderr.splitlines() if "] kdfine " in line]
     train = [c for c in cmds if c[1] == "train-teacher"]
-    assert len(train) == 2 * 4 * 3  # CIFAR-10 and -100; 4 noises; CE, CE on FINE's selection, dynamic FINE
+    # CIFAR-10 and -100; 4 noises; CE, CE on FINE's selection, dynamic FINE, and the strategy rows
+    # (coteach, dividemix, gce, select+gce)
+    assert len(train) == 2 * 4 * 7
     for c in train:
         o = _opts(c)
         assert (o["--arch"], o["--optimizer"], o["--lr"], o["--weight-decay"], o["--batch-size"], o["--augment"],
@@ -72,5 +74,7 @@ def test_fine_paper_scale_carries_the_official_recipe(tmp_path):
         assert (o["--epochs"], o["--schedule"]) == {"cifar10": ("120", "multistep:40,80:0.01"),
                                                     "cifar100": ("150", "multistep:80,120:0.01")}[o["--data"]]
     assert {_opts(c)["--label-noise"] for c in train} == {"uniform:0.2", "uniform:0.5", "uniform:0.8", "asym:0.4"}
-    dynamic = [_opts(c) for c in train if "--fine-every" in c]
-    assert len(dynamic) == 8 and all((o["--fine-warmup"], o["--fine-every"]) == ("40", "10") for o in dynamic)
+    dynamic = [_opts(c) for c in train if "--fine-every" in c and "--fine-strategy" not in c]
+    assert len(dynamic) == 16 and all(o["--fine-warmup"] == "40" for o in dynamic)  # select and select+gce
+    assert all(o["--fine-every"] == "10" for o in dynamic)
+    assert sum(_opts(c).get("--fine-strategy") == "dividemix" for c in train) == 8

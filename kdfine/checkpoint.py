@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 
 import kdfine
 from kdfine.errors import InputError
-from kdfine.io import atomic_write_bytes
+from kdfine.io import atomic_write_bytes, file_sha256  # noqa: F401 (file_sha256: lineage uses it from here)
 from kdfine.models import Classifier, build
 
 SCHEMA = "1"
@@ -92,14 +92,6 @@ def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) 
     data = st_save(state_tensors(model), metadata=encode_meta(meta))
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_meta(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:

@@ -57,12 +57,14 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
     import torch
 
     from kdfine import checkpoint, distributed
+    from kdfine.data.batches import should_stream
     from kdfine.engine import TeacherEnsemble, fit
     from kdfine.progress import Reporter
     from kdfine.state import state_path
     from kdfine.models import build
 
-    train, teachers = data.train, teachers or []
+    train, teachers = _train_split(arch, data), teachers or []
+    stream = should_stream(train.images.shape, train.augment, ctx.device, data.options.stream)
     torch.manual_seed(cfg.seed)
     model = build(arch, train.num_classes, train.in_channels, train.image_size)
     teacher = None
@@ -70,14 +72,15 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
         teacher = TeacherEnsemble([t.model.to(ctx.device) for t in teachers],
                                   [(t.meta["mean"], t.meta["std"]) for t in teachers], (train.mean, train.std),
                                   ctx.device)
-    run_config = {"arch": arch, **data.config(), **asdict(cfg), **(extra_config or {})}
+    run_config = {"arch": arch, **data.config(), **asdict(cfg), **(extra_config or {}),
+                  "decoded": _decoded(data), "train_augment": train.augment}
     reporter = Reporter(quiet=quiet, enabled=ctx.is_main, title=stage)
     if ctx.is_main:
-        reporter.print(_header(stage, arch, model, data, ctx))
+        reporter.print(_header(stage, arch, model, data, ctx) + (", streamed from the decode cache" if stream else ""))
     state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
     result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=data.keep,
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
-                 log_path=log, reporter=reporter)
+                 log_path=log, reporter=reporter, stream=stream)
     final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
     if result.history:
         last = result.history[-1]
@@ -97,7 +100,24 @@ def _train(out: str, arch: str, data: Prepared, cfg: TrainConfig, ctx: distribut
     if result.selection is not None and cfg.fine_every > 0:
         final["fine_final_kept"] = int(result.selection.size)
     return {"path": str(out), "sha256": sha, "stage": stage, "arch": arch, "metrics": final,
-            "epochs": result.history}
+            "epochs": result.history, "streamed": stream, "skipped": data.source.skipped}
+
+
+def _train_split(arch: str, data: Prepared) -> ArrayDataset:
+    """The training split with the arch's default augmentation when ``--augment`` was not given
+    (rrc-flip for torchvision/timm archs at >= 96 px, :func:`kdfine.data.sources.arch_augment`)."""
+    from kdfine.data.sources import arch_augment
+
+    train = data.train
+    if data.options.augment is None:
+        train = replace(train, augment=arch_augment(arch, train.image_size, train.augment))
+    return train
+
+
+def _decoded(data: Prepared) -> dict[str, Any]:
+    """How an image folder was decoded (square side, channels, resize mode, the original sizes),
+    for the checkpoint's config; the cache's location is this machine's business and left out."""
+    return {k: v for k, v in data.source.info.items() if k != "cache"}
 
 
 def _check_outputs(out: str, log: str | None) -> None:
@@ -119,7 +139,7 @@ def train_teacher(out: str, *, arch: str = "cnn", data: DataOptions | None = Non
     check_arch(arch)  # an unknown --arch fails here, before any data is loaded
     ctx = distributed.setup(device)
     _check_outputs(out, log)
-    return _train(out, arch, prepare(data), cfg, ctx, stage="teacher", log=log, resume=resume, force=force,
+    return _train(out, arch, prepare(data, quiet), cfg, ctx, stage="teacher", log=log, resume=resume, force=force,
                   quiet=quiet)
 
 
@@ -140,7 +160,7 @@ def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOp
     _check_outputs(out, log)
     paths = [distributed.main_only(read_stdin_path, "--teacher") if t == "-" else t for t in teachers]
     loaded = [checkpoint.load(p, "cpu", "--teacher") for p in paths]
-    prepared = prepare(inherit_from(data, loaded[0].meta))
+    prepared = prepare(inherit_from(data, loaded[0].meta), quiet)
     for t in loaded:
         check_compatible(t, prepared.train)
     extra = {"teachers": [t.sha256 for t in loaded]}
@@ -154,11 +174,13 @@ def distill(out: str, teachers: list[str], *, arch: str = "cnn-16", data: DataOp
 def evaluate(models: list[str], *, data: DataOptions | None = None, split: str = "test",
              teachers: list[str] | None = None, dump_features: str | None = None, device: str = "auto",
              batch_size: int = 512, precision: str = "auto",
-             on_logits: Callable[[checkpoint.Checkpoint, np.ndarray, ArrayDataset], None] | None = None
-             ) -> dict[str, Any]:
+             on_logits: Callable[[checkpoint.Checkpoint, np.ndarray, ArrayDataset], None] | None = None,
+             quiet: bool = False) -> dict[str, Any]:
     """Metrics of each model on a split; with ``teachers``, agreement with their (averaged) logits;
     with ``dump_features``, the feature dump of the (first) model; ``on_logits(ckpt, logits (N, K),
-    dataset)`` is called for each model (on rank 0), e.g. to plot."""
+    dataset)`` is called for each model (on rank 0), e.g. to plot. The split is read batch by batch
+    (from the decode cache's memory map for image folders; each torchrun rank reads its shard);
+    ``skipped`` lists the unreadable image files left out."""
     ev = EvalOptions(split, batch_size, precision).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if not models:
@@ -173,7 +195,7 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
         features.check_dump_path(dump_features)
     loaded = [checkpoint.load(m, "cpu", "--model") for m in models]
     tloaded = [checkpoint.load(t, "cpu", "--teacher") for t in (teachers or [])]
-    prepared = prepare(inherit_from(data, loaded[0].meta))
+    prepared = prepare(inherit_from(data, loaded[0].meta), quiet)
     ds = prepared.source.split(split) if split == "test" else prepared.train
     if split == "train" and prepared.keep is not None:
         warnings.warn("--keep is ignored by eval: every training sample is evaluated", KdfineWarning, stacklevel=2)
@@ -194,7 +216,8 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
                                   _dump_info(ck, prepared, ds, split, f), prepared.truth if split == "train" else None)
             r["dump"] = dump_features
         results.append(r)
-    return {"data": prepared.options.data, "split": split, "n": len(ds), "models": results}
+    return {"data": prepared.options.data, "split": split, "n": len(ds), "models": results,
+            "skipped": prepared.source.skipped}
 
 
 def _forward(ds: ArrayDataset, ctx: distributed.Context, ev: EvalOptions) -> Callable:
@@ -252,9 +275,10 @@ def detect_noise(features: str, out: str, *, detect: DetectOptions | None = None
 
 def clean(model: str, out: str, *, data: DataOptions | None = None, detect: DetectOptions | None = None,
           export: str | None = None, export_dir: str | None = None, noisy_out: str | None = None,
-          device: str = "auto", batch_size: int = 512) -> dict[str, Any]:
+          device: str = "auto", batch_size: int = 512, quiet: bool = False) -> dict[str, Any]:
     """Features of the training split with ``model``, FINE, the kept index list, and optionally the
-    kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``)."""
+    kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``);
+    ``skipped`` lists the unreadable image files left out."""
     d = (detect or DetectOptions()).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if export and export_dir:
@@ -273,26 +297,27 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, detect: Dete
     opts = inherit_from(data, checkpoint.read_meta(model))
     with tempfile.TemporaryDirectory(prefix="kdfine-clean-") as tmp:
         dump = str(Path(tmp) / "features.npy")
-        ev = evaluate([model], data=data, split="train", dump_features=dump, device=device, batch_size=batch_size)
+        ev = evaluate([model], data=data, split="train", dump_features=dump, device=device, batch_size=batch_size,
+                      quiet=quiet)
 
         def detect_and_write() -> dict[str, Any]:  # on rank 0, which holds the dump (rank-local tmp)
             report, det, _, _ = detect_noise(dump, out, detect=d, noisy_out=noisy_out)
             info = features.read_dump(dump).info
             if export or export_dir:
-                _export(opts, det.clean_index, export, export_dir)
+                _export(opts, det.clean_index, export, export_dir, quiet)
             report.pop("features", None)
             report.update(model=model, data=info["data"], label_noise=info["label_noise"],
-                          train_top1=ev["models"][0]["top1"], export=export or export_dir)
+                          train_top1=ev["models"][0]["top1"], export=export or export_dir, skipped=ev["skipped"])
             return report
 
         return distributed.main_only(detect_and_write)
 
 
-def _export(opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | None) -> None:
+def _export(opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | None, quiet: bool) -> None:
     from kdfine.data.export import export_folder, export_npz
     from kdfine.data.prepare import prepare
 
-    prepared = prepare(replace(opts, keep=None))
+    prepared = prepare(replace(opts, keep=None), quiet)
     if npz:
         export_npz(prepared.train, prepared.test, keep, npz)
     else:

@@ -109,18 +109,20 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         selection: np.ndarray | None = None, truth: np.ndarray | None = None,
         state_file: Path | None = None, resume: bool = False, force: bool = False,
         run_config: dict[str, Any] | None = None, log_path: str | None = None,
-        reporter: Reporter | None = None) -> FitResult:
+        reporter: Reporter | None = None, stream: bool | None = None) -> FitResult:
     """Train ``model`` in place on ``train`` (labels as given, noisy or not) and return it with the
     per-epoch history and final test metrics.
 
     selection: dataset indices to train on (``--keep``); truth: true labels (N,), only to report
     the quality of dynamic FINE selections; state_file: per-epoch resume state (rank 0 writes it),
     read back when ``resume`` (``force``: even when ``run_config`` differs from the saved one);
-    log_path: one JSON line per epoch (rank 0).
+    log_path: one JSON line per epoch (rank 0); stream: batches streamed from the decode cache
+    (True), held on the device (False) or chosen by the memory budget (None).
     """
     cfg.validate()
     reporter = reporter or Reporter(enabled=distributed.context().is_main)
     setup = _setup(model, train, cfg, device, teacher, selection, truth)
+    setup.stream = stream
     run = _Run(cfg, setup, build_strategy(setup), test, reporter, state_file, dict(run_config or {}),
                parse_schedule(cfg.schedule, cfg.epochs), log_path=log_path)
     start, history = _restore(run, resume, force)

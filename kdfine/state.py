@@ -20,7 +20,7 @@ from kdfine.errors import InputError, UsageError
 
 RESUME_KEYS = ("arch", "data", "label_noise", "noise_seed", "labels", "keep", "loss", "tau", "alpha", "teachers",
                "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "fine_warmup",
-               "fine_every", "fine_zeta", "fine_method", "image_size", "augment", "test_fraction")
+               "fine_every", "fine_zeta", "fine_method", "image_size", "resize", "augment", "test_fraction")
 
 
 def state_path(out: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdfine import distributed, fine, metrics
-from kdfine.data.batches import TrainBatches
+from kdfine.data.batches import train_batches
 from kdfine.data.sources import ArrayDataset
 from kdfine.device import autocast
 from kdfine.features import extract
@@ -30,7 +30,8 @@ from kdfine.losses import kd_loss
 class TrainSetup:
     """What every strategy is built from: the options (a ``TrainConfig``), the data and the device
     policy that :func:`kdfine.engine.fit` resolved. ``selection``: ``--keep`` indices or None;
-    ``truth``: true labels (N,) or None, only to report the quality of FINE selections."""
+    ``truth``: true labels (N,) or None, only to report the quality of FINE selections; ``stream``:
+    batches streamed from the decode cache (True), held on the device (False), or by the budget."""
 
     cfg: Any
     model: nn.Module
@@ -42,6 +43,7 @@ class TrainSetup:
     teacher: nn.Module | None = None
     selection: np.ndarray | None = None
     truth: np.ndarray | None = None
+    stream: bool | None = None  # --stream/--no-stream; None: by the memory budget (batches.should_stream)
 
 
 class Strategy:
@@ -130,10 +132,10 @@ class SelectStrategy(Strategy):
         cfg, ctx = s.cfg, distributed.context()
         self.setup, self.cfg = s, cfg
         distributed.check_split(cfg.batch_size, len(s.train) if s.selection is None else len(s.selection))
-        self.loader = TrainBatches(s.train.images, s.train.labels, s.train.mean, s.train.std,
-                                   batch_size=cfg.batch_size, device=s.device, augment=s.train.augment,
-                                   seed=cfg.seed, channels_last=s.channels_last, rank=ctx.rank,
-                                   world_size=ctx.world_size)
+        self.loader = train_batches(s.train.images, s.train.labels, s.train.mean, s.train.std, stream=s.stream,
+                                    batch_size=cfg.batch_size, device=s.device, augment=s.train.augment,
+                                    seed=cfg.seed, channels_last=s.channels_last, rank=ctx.rank,
+                                    world_size=ctx.world_size)
         self.universe = (np.arange(len(s.train)) if s.selection is None
                          else np.sort(np.asarray(s.selection, np.int64)))
         self.current = self.universe
@@ -188,14 +190,28 @@ class SelectStrategy(Strategy):
         self.net = None
 
 
+FEATURE_ROWS = 8192  # rows gathered at a time for the features of a subset (bounded memory)
+
+
+def features_of(s: TrainSetup, rows: np.ndarray) -> np.ndarray:
+    """Features (len(rows), D) of the training images at the sorted dataset indices ``rows``.
+    The whole set is read in order (a memory map batch by batch, each rank its shard); a subset
+    is gathered ``FEATURE_ROWS`` at a time, never as one copy of the set."""
+    images, train = s.train.images, s.train
+    run = lambda x: extract(s.model, x, train.mean, train.std, device=s.device, precision=s.precision,
+                            channels_last=s.channels_last)[0]
+    if rows.size == images.shape[0]:
+        return run(images)
+    return np.concatenate([run(images[rows[lo:lo + FEATURE_ROWS]]) for lo in range(0, rows.size, FEATURE_ROWS)])
+
+
 def fine_select(s: TrainSetup, universe: np.ndarray, current: np.ndarray,
                 first: bool) -> tuple[np.ndarray, dict[str, Any]]:
     """One dynamic FINE round: features of the training ``universe`` (sorted dataset indices),
     class vectors from the ``current`` selection (all samples when ``first``), scores, per-class
     split. Returns the new selection (sorted dataset indices) and the record's fields."""
     cfg, train = s.cfg, s.train
-    feats, _ = extract(s.model, train.images[universe], train.mean, train.std, device=s.device,
-                       precision=s.precision, channels_last=s.channels_last)
+    feats = features_of(s, universe)
     labels = train.labels[universe]
     basis = None if first else np.searchsorted(universe, current)
     with warnings.catch_warnings():

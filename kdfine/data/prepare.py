@@ -19,7 +19,7 @@ from kdfine.errors import InputError, KdfineWarning
 from kdfine.io import read_index, read_labels
 from kdfine.options import DataOptions
 
-_INHERITED = ("data", "data_root", "image_size", "test_fraction")
+_INHERITED = ("data", "data_root", "image_size", "resize", "test_fraction")
 
 
 def inherit_from(opts: DataOptions, meta: dict[str, Any]) -> DataOptions:
@@ -55,12 +55,14 @@ class Prepared:
         return d
 
 
-def prepare(opts: DataOptions) -> Prepared:
-    """Load ``opts.data`` (digits when None) and apply ``--labels``, ``--label-noise`` and ``--keep``."""
+def prepare(opts: DataOptions, quiet: bool = False) -> Prepared:
+    """Load ``opts.data`` (digits when None; ``opts`` validated) and apply ``--labels``,
+    ``--label-noise`` and ``--keep``; ``quiet``: no decode progress bar."""
     spec = opts.data or "digits"
     noise = parse_noise(opts.label_noise)
     source = load_source(spec, root=opts.data_root, download=opts.download, image_size=opts.image_size,
-                         test_fraction=opts.test_fraction, augment=opts.augment)
+                         test_fraction=opts.test_fraction, augment=opts.augment, resize=opts.resize,
+                         strict=opts.strict, quiet=quiet)
     train, truth = source.train, None
     if opts.labels:
         train = train.with_labels(read_labels(opts.labels, len(train), train.num_classes))

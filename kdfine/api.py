@@ -71,6 +71,7 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     import torch
 
     from kdfine import checkpoint, distributed
+    from kdfine.data.batches import should_stream
     from kdfine.engine import TeacherEnsemble, fit
     from kdfine.progress import Reporter
     from kdfine.models.weights import initial_model
@@ -79,7 +80,12 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     chosen = arch is None
     arch = arch or DEFAULT_ARCH[stage][data.train.image_size >= LARGE_INPUT]
     data = _with_weights_stats(data, arch, model_opts)
-    train, teachers = data.train, teachers or []
+    train, teachers = _train_split(arch, data), teachers or []
+    stream = should_stream(train.images.shape, train.augment, ctx.device, data.options.stream)
+    if stream and cfg.fine_strategy == "dividemix":  # refused now, not at the end of the warm-up
+        why = "" if data.options.stream else " (the training set exceeds the memory budget, KDFINE_MEMORY_BUDGET)"
+        raise UsageError(f"--fine-strategy dividemix draws second views of any training image at any time: it "
+                         f"needs the training set in memory{why}; give --no-stream")
 
     def make(seed: int) -> tuple[torch.nn.Module, str | None]:
         """The network and where its weights came from; seeded, so that the second network of
@@ -99,10 +105,11 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
                                   ctx.device)
     _check_batch(model, arch, cfg, data, ctx)
     run_config = {"arch": arch, **data.config(), **asdict(cfg), **asdict(model_opts), **(extra_config or {}),
-                  "train_set": data.train_fingerprint()}
+                  "train_set": data.train_fingerprint(), "decoded": _decoded(data), "train_augment": train.augment}
     reporter = Reporter(quiet=quiet, enabled=ctx.is_main, title=stage)
     if ctx.is_main:
-        reporter.print(_header(stage, arch, model, data, ctx, chosen, init))
+        reporter.print(_header(stage, arch, model, data, ctx, chosen, init)
+                       + (", streamed from the decode cache" if stream else ""))
     state = None if is_special(out) else state_path(out)  # nothing is written beside /dev/null
     selection, val_index = data.keep, None
     if cfg.val_fraction > 0:
@@ -114,7 +121,8 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
                            f"{cfg.val_fraction:g}), {selection.size} left to train on")
     result = fit(model, train, cfg, device=ctx.device, test=data.test, teacher=teacher, selection=selection,
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
-                 log_path=log, reporter=reporter, make_model=lambda seed: make(seed)[0], val_index=val_index)
+                 log_path=log, reporter=reporter, make_model=lambda seed: make(seed)[0], val_index=val_index,
+                 stream=stream)
     final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
     if result.best_epoch is not None:  # --keep-best val: test_* are the best-validation epoch's
         final.update(best_epoch=result.best_epoch, val_top1_best=result.best_val,
@@ -137,7 +145,25 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     if result.selection is not None and cfg.fine_every > 0:
         final["fine_final_kept"] = int(result.selection.size)
     return {"path": str(out), "sha256": sha, "stage": stage, "arch": arch, "metrics": final,
-            "best_epoch": result.best_epoch, "epochs": result.history}
+            "best_epoch": result.best_epoch, "epochs": result.history, "streamed": stream,
+            "skipped": data.source.skipped}
+
+
+def _train_split(arch: str, data: Prepared) -> ArrayDataset:
+    """The training split with the arch's default augmentation when ``--augment`` was not given
+    (rrc-flip for torchvision/timm archs at >= 96 px, :func:`kdfine.data.sources.arch_augment`)."""
+    from kdfine.data.sources import arch_augment
+
+    train = data.train
+    if data.options.augment is None:
+        train = replace(train, augment=arch_augment(arch, train.image_size, train.augment))
+    return train
+
+
+def _decoded(data: Prepared) -> dict[str, Any]:
+    """How an image folder was decoded (square side, channels, resize mode, the original sizes),
+    for the checkpoint's config; the cache's location is this machine's business and left out."""
+    return {k: v for k, v in data.source.info.items() if k != "cache"}
 
 
 def _with_weights_stats(data: Prepared, arch: str, model_opts: ModelOptions) -> Prepared:
@@ -231,7 +257,7 @@ def train_teacher(out: str, *, arch: str | None = None, data: DataOptions | None
     ctx = distributed.setup(device)
     _check_outputs(out, log, data)
     with _lock(out, ctx):
-        return _train(out, arch, prepare(data), cfg, ctx, stage="teacher", model_opts=model, log=log, resume=resume,
+        return _train(out, arch, prepare(data, quiet), cfg, ctx, stage="teacher", model_opts=model, log=log, resume=resume,
                       force=force, quiet=quiet)
 
 
@@ -257,7 +283,7 @@ def distill(out: str, teachers: list[str], *, arch: str | None = None, data: Dat
     _check_outputs(out, log, data, paths)  # a teacher read from stdin is known only now
     with _lock(out, ctx):
         loaded = [checkpoint.load(p, "cpu", "--teacher") for p in paths]
-        prepared = prepare(inherit_from(data, loaded[0].meta))
+        prepared = prepare(inherit_from(data, loaded[0].meta), quiet)
         for t in loaded:
             check_compatible(t, prepared.train)
         extra = {"teachers": [t.sha256 for t in loaded]}
@@ -272,11 +298,13 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
              teachers: list[str] | None = None, dump_features: str | None = None, device: str = "auto",
              batch_size: int = 512, precision: str = "auto",
              on_logits: Callable[[checkpoint.Checkpoint, np.ndarray, ArrayDataset], None] | None = None,
-             outputs: Outputs | None = None) -> dict[str, Any]:
+             outputs: Outputs | None = None, quiet: bool = False) -> dict[str, Any]:
     """Metrics of each model on a split; with ``teachers``, agreement with their (averaged) logits;
     with ``dump_features``, the feature dump of the (first) model; ``on_logits(ckpt, logits (N, K),
     dataset)`` is called for each model (on rank 0), e.g. to plot. ``outputs``: the caller's set of
-    outputs to stage the dump in (the caller commits); by default the dump is committed here."""
+    outputs to stage the dump in (the caller commits); by default the dump is committed here.
+    The split is read batch by batch (from the decode cache's memory map for image folders; each
+    torchrun rank reads its shard); ``skipped`` lists the unreadable image files left out."""
     ev = EvalOptions(split, batch_size, precision).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if not models:
@@ -298,7 +326,7 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
             features.declare_dump(outs, dump_features)
         loaded = [checkpoint.load(m, "cpu", "--model") for m in models]
         tloaded = [checkpoint.load(t, "cpu", "--teacher") for t in (teachers or [])]
-        prepared = prepare(inherit_from(data, loaded[0].meta))
+        prepared = prepare(inherit_from(data, loaded[0].meta), quiet)
         ds = prepared.source.split(split) if split == "test" else prepared.train
         if split == "train" and prepared.keep is not None:
             warnings.warn("--keep is ignored by eval: every training sample is evaluated", KdfineWarning, stacklevel=2)
@@ -322,7 +350,8 @@ def evaluate(models: list[str], *, data: DataOptions | None = None, split: str =
             results.append(r)
         if outputs is None:
             distributed.main_only(outs.commit)
-    return {"data": prepared.options.data, "split": split, "n": len(ds), "models": results}
+    return {"data": prepared.options.data, "split": split, "n": len(ds), "models": results,
+            "skipped": prepared.source.skipped}
 
 
 def _forward(ds: ArrayDataset, ctx: distributed.Context, ev: EvalOptions) -> Callable:
@@ -394,10 +423,10 @@ def detect_noise(features: str, out: str, *, detect: DetectOptions | None = None
 
 def clean(model: str, out: str, *, data: DataOptions | None = None, detect: DetectOptions | None = None,
           export: str | None = None, export_dir: str | None = None, noisy_out: str | None = None,
-          device: str = "auto", batch_size: int = 512) -> dict[str, Any]:
+          device: str = "auto", batch_size: int = 512, quiet: bool = False) -> dict[str, Any]:
     """Features of the training split with ``model``, FINE, the kept index list, and optionally the
-    kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``). Every
-    output is checked first and all of them land together, or none."""
+    kept samples as an ``npz:`` dataset (``export``) or an ImageFolder tree (``export_dir``); all
+    outputs appear together or not at all; ``skipped`` lists the unreadable image files left out."""
     d = (detect or DetectOptions()).validate()  # options first: nothing loaded yet
     data = (data or DataOptions()).validate()
     if export and export_dir:
@@ -424,7 +453,7 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, detect: Dete
             dump = str(Path(tmp) / "features.npy")
             try:
                 ev = evaluate([model], data=data, split="train", dump_features=dump, device=device,
-                              batch_size=batch_size)
+                              batch_size=batch_size, quiet=quiet)
             except InputError as e:
                 if tmp not in str(e):
                     raise
@@ -435,22 +464,24 @@ def clean(model: str, out: str, *, data: DataOptions | None = None, detect: Dete
                 report, det, _, _ = detect_noise(dump, out, detect=d, noisy_out=noisy_out, outputs=outs)
                 info = features.read_dump(dump).info
                 if export or export_dir:
-                    _export(outs, opts, det.clean_index, export, export_dir)
+                    _export(outs, opts, det.clean_index, export, export_dir, quiet)
                 outs.commit()
                 report.pop("features", None)
                 report.update(model=model, data=info["data"], label_noise=info["label_noise"],
-                              train_top1=ev["models"][0]["top1"], export=export or export_dir)
+                              train_top1=ev["models"][0]["top1"], export=export or export_dir,
+                              skipped=ev["skipped"])
                 return report
 
             return distributed.main_only(detect_and_write)
 
 
-def _export(outs: Outputs, opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | None) -> None:
+def _export(outs: Outputs, opts: DataOptions, keep: np.ndarray, npz: str | None, folder: str | None,
+            quiet: bool) -> None:
     """Stage the kept samples as an npz file or an ImageFolder tree in ``outs``."""
     from kdfine.data.export import export_folder, export_npz
     from kdfine.data.prepare import prepare
 
-    prepared = prepare(replace(opts, keep=None))
+    prepared = prepare(replace(opts, keep=None), quiet)
     if npz:
         outs.stage(npz, lambda tmp: export_npz(prepared.train, prepared.test, keep, tmp))
     else:

@@ -336,7 +336,7 @@ def distill(
 
 @app.command("eval", rich_help_panel=EVAL)
 @command
-@takes(data=DataOptions, ev=EvalOptions, exclude=("augment", "keep"))
+@takes(data=DataOptions, ev=EvalOptions, exclude=("augment", "keep", "stream"))
 def eval_(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Checkpoint to evaluate; repeat to compare.")],
     data: DataOptions, ev: EvalOptions,
@@ -377,7 +377,7 @@ def eval_(
     with outs:
         res = api.evaluate(model, data=data, split=ev.split, teachers=teacher, dump_features=dump_features,
                            device=device, batch_size=ev.batch_size, precision=ev.precision, on_logits=collect,
-                           outputs=outs)
+                           outputs=outs, quiet=quiet)
         if plot and _is_main():
             res["plots"] = _stage_eval_plots(outs, plot, runs)
         if _is_main():
@@ -480,7 +480,7 @@ def _plot_detection(path: str, features_path: str, det, labels, true) -> str:
 
 @app.command("clean", rich_help_panel=NOISE)
 @command
-@takes(data=DataOptions, detect=DetectOptions, exclude=("augment", "keep"))
+@takes(data=DataOptions, detect=DetectOptions, exclude=("augment", "keep", "stream"))
 def clean(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint whose features drive the detection.")],
     out: Annotated[str, typer.Option("--out", "-o", help="CSV of the kept training indices; '-' for stdout.",
@@ -506,7 +506,7 @@ def clean(
     if out == "-" and json_out:
         raise UsageError("--out - and --json both want stdout; write the CSV to a file")
     report = api.clean(model, out, data=data, detect=detect, export=export, export_dir=export_dir,
-                       noisy_out=noisy_out, device=device, batch_size=batch_size)
+                       noisy_out=noisy_out, device=device, batch_size=batch_size, quiet=quiet)
     if json_out:
         _emit_json(report)
     else:

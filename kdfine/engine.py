@@ -139,7 +139,7 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
         state_file: Path | None = None, resume: bool = False, force: bool = False,
         run_config: dict[str, Any] | None = None, log_path: str | None = None,
         reporter: Reporter | None = None, make_model: Callable[[int], nn.Module] | None = None,
-        val_index: np.ndarray | None = None) -> FitResult:
+        val_index: np.ndarray | None = None, stream: bool | None = None) -> FitResult:
     """Train ``model`` in place on ``train`` (labels as given, noisy or not) and return it with the
     per-epoch history and final test metrics.
 
@@ -150,13 +150,15 @@ def fit(model: nn.Module, train: ArrayDataset, cfg: TrainConfig, *, device: torc
     architecture (the second network of ``--fine-strategy coteach|dividemix``).
     val_index: training indices held out for validation (never in ``selection``), scored after
     every epoch (``val_acc``) and, with ``cfg.keep_best == "val"``, the source of the returned weights.
+    stream: batches streamed from the decode cache (True), held on the device (False) or chosen by
+    the memory budget (None).
     """
     cfg.validate()
     if cfg.keep_best == "val" and val_index is None:
         raise UsageError("--keep-best val needs a validation split (--val-fraction)")
     reporter = reporter or Reporter(enabled=distributed.context().is_main)
     setup = _setup(model, train, cfg, device, teacher, selection, truth)
-    setup.make_model = make_model
+    setup.make_model, setup.stream = make_model, stream
     run = _Run(cfg, setup, build_strategy(setup), test, reporter, state_file, dict(run_config or {}),
                lr_function(cfg), log_path=log_path, val_index=val_index,
                val=None if val_index is None else validation_subset(train, val_index))

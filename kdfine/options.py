@@ -90,6 +90,10 @@ def _augmentations() -> Sequence[str]:
 TEACHER_LOSS_FLAG = Flag("--loss", "Loss on the labels: ce, gce (generalized CE, --gce-q) or sce (symmetric CE, "
                          "--sce-alpha, --sce-beta); alone or with any --fine-strategy.", P_TRAIN,
                          choices=_label_losses)
+def _resize_modes() -> Sequence[str]:
+    from kdfine.data.sources import RESIZE_MODES
+
+    return RESIZE_MODES
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -185,11 +189,20 @@ class DataOptions:
     data_root: str | None = opt(None, "--data-root", "Directory of torchvision datasets (default: "
                                 "$KDFINE_CACHE/data, else ~/.cache/kdfine/data).", panel=P_DATA)
     download: bool = opt(False, "--download", "Fetch torchvision datasets into --data-root.", panel=P_DATA)
-    image_size: int | None = opt(None, "--image-size", "Resize images to N x N.", panel=P_DATA, min=4)
+    image_size: int | None = opt(None, "--image-size", "Resize images to N x N (see --resize).", panel=P_DATA, min=4)
+    resize: str = opt("crop", "--resize", "How images of another size or shape become N x N: crop (shorter side "
+                      "to N, centre crop) or squash (both sides to N, distorting).", panel=P_DATA,
+                      choices=_resize_modes)
+    strict: bool = opt(False, "--strict", "An unreadable file in an image folder is an error (exit 3) instead of "
+                       "being skipped with a warning.", panel=P_DATA)
+    stream: bool | None = opt(None, "--stream/--no-stream", "Stream training batches from the decode cache on "
+                              "disk instead of holding the training set on the device (default: stream when it "
+                              "does not fit the memory budget, KDFINE_MEMORY_BUDGET).", panel=P_DATA)
     test_fraction: float = opt(0.2, "--test-fraction", "Test share when a folder or npz has no test split.",
                                panel=P_DATA)
     augment: str | None = opt(None, "--augment", "Training augmentation (default: by dataset; crop-flip for "
-                              "CIFAR-like images, none for digits and MNIST).", panel=P_DATA,
+                              "CIFAR-like images, none for digits and MNIST); rrc-flip is random-resized crop "
+                              "and flip, for photos.", panel=P_DATA,
                               choices=_augmentations)
     label_noise: str | None = opt(None, "--label-noise", "Inject label noise into the training split: sym:R, "
                                   "uniform:R, asym:R, pairflip:R or none.", panel=P_DATA)
@@ -210,6 +223,9 @@ class DataOptions:
         check_number(self.test_fraction, "--test-fraction", low=0.0, high=1.0, low_open=True, high_open=True)
         if self.augment is not None:
             check_choice(self.augment, _augmentations(), "--augment")
+        check_choice(self.resize, _resize_modes(), "--resize")
+        if self.stream not in (None, True, False):
+            raise UsageError(f"--stream {self.stream!r}: expected true, false or None (by the memory budget)")
         parse_noise(self.label_noise)
         check_seed(self.noise_seed, "--noise-seed")
         return self

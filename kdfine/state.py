@@ -20,15 +20,16 @@ from kdfine.errors import InputError, UsageError
 
 RESUME_KEYS = ("arch", "data", "label_noise", "noise_seed", "labels", "keep", "loss", "tau", "alpha", "teachers",
                "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "fine_warmup",
-               "fine_every", "fine_zeta", "fine_method", "image_size", "augment", "test_fraction", "fine_strategy",
-               "gce_q", "sce_alpha", "sce_beta", "ssl_lambda_u", "ssl_threshold", "ssl_alpha", "ssl_temperature",
+               "fine_every", "fine_zeta", "fine_method", "image_size", "resize", "augment", "test_fraction",
+               "fine_strategy", "gce_q", "sce_alpha", "sce_beta", "ssl_lambda_u", "ssl_threshold", "ssl_alpha", "ssl_temperature",
                "train_set", "optimizer", "nesterov", "decay_all", "warmup_epochs", "label_smoothing", "val_fraction",
                "keep_best", "fine_features")
 
 # What the states of older kdfine versions, which lack these keys, ran with (their FINE features
-# were the plain images).
+# were the plain images; images of other sizes were centre-cropped).
 BEFORE_KEYS = {"optimizer": "sgd", "nesterov": True, "decay_all": False, "warmup_epochs": 0, "label_smoothing": 0.0,
-               "val_fraction": 0.0, "keep_best": "last", "fine_features": "plain"}
+               "val_fraction": 0.0, "keep_best": "last", "fine_features": "plain",
+               "resize": "crop"}
 
 
 def state_path(out: str | os.PathLike) -> Path:

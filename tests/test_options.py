@@ -21,6 +21,7 @@ EARLY_USAGE_ERRORS = [
     (["distill", "--loss", "foo", "-t", "t.safetensors", "-o", "s.safetensors"], "'foo' is not one of 'ce', 'kl'"),
     (["eval", "--model", "m.safetensors", "--split", "val"], "'val' is not one of 'train', 'test'"),
     (["train-teacher", "--augment", "jitter", "--out", "t.safetensors"], "'jitter' is not one of 'crop-flip'"),
+    (["train-teacher", "--resize", "fit", "--out", "t.safetensors"], "'fit' is not one of 'crop', 'squash'"),
     (["train-teacher", "--lr", "nan", "--out", "t.safetensors"], "--lr nan: must be a finite number"),
     (["train-teacher", "--lr", "inf", "--out", "t.safetensors"], "--lr inf: must be a finite number"),
     (["train-teacher", "--weight-decay", "nan", "--out", "t.safetensors"], "--weight-decay nan"),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kdfine import state
 from kdfine.checkpoint import read_meta
-from kdfine.data.augment import augmented_copy
+from kdfine.data.augment import apply_draws, augment_draws, augmented_copy
 from kdfine.data.batches import PAD
 from kdfine.data.prepare import split_validation
 from kdfine.data.sources import load_source
@@ -213,6 +213,21 @@ def test_augmented_copy_is_a_seeded_pad_crop_and_flip():
         assert any(np.array_equal(a[i], c) or np.array_equal(a[i], c[:, ::-1]) for c in crops)
     flipped = augmented_copy(images, "flip", 1)
     assert all(np.array_equal(f, x) or np.array_equal(f, x[:, ::-1]) for f, x in zip(flipped, images))
+
+
+def test_augmented_features_in_chunks_equal_the_whole_set_at_once():
+    """Large sets are augmented chunk by chunk (bounded memory): the draws are made for all rows
+    first, so any chunking gives the copy of the whole set; rrc-flip contributes its flip only."""
+    images = np.random.default_rng(1).integers(0, 256, size=(50, 6, 6, 3), dtype=np.uint8)
+    whole = augmented_copy(images, "crop-flip", 5)
+    d = augment_draws(len(images), "crop-flip", 5)
+    for step in (1, 7, 50):
+        parts = [apply_draws(images[lo:lo + step], d.rows(lo, lo + step)) for lo in range(0, 50, step)]
+        assert np.array_equal(np.concatenate(parts), whole)
+    rrc = augmented_copy(images, "rrc-flip", 5)
+    assert augment_draws(50, "rrc-flip", 5).shifts is None
+    assert all(np.array_equal(r, x) or np.array_equal(r, x[:, ::-1]) for r, x in zip(rrc, images))
+    assert not np.array_equal(rrc, images)
 
 
 def test_dynamic_fine_on_augmented_features_is_seeded_and_differs_from_plain(digits):

@@ -13,6 +13,7 @@ import pytest
 from conftest import write_png_tree
 from kdfine.data.sources import channel_stats, load_source
 from kdfine.errors import InputError, UsageError
+from kdfine.options import DataOptions
 
 
 def test_digits_is_a_stratified_80_20_split():
@@ -250,8 +251,8 @@ def test_mixed_sizes_are_centre_cropped_or_squashed(tmp_path):
     pick = lambda s: np.concatenate([s.train.images, s.test.images])[(s.train.files + s.test.files).index(name)]
     assert pick(crop).min() == 255
     assert pick(squash)[:, 0].max() < 60 and pick(squash)[:, 4].min() > 200
-    with pytest.raises(UsageError, match="--resize"):
-        load_source(f"imagefolder:{root}", image_size=8, resize="fit")
+    with pytest.raises(UsageError, match="--resize 'fit'"):  # checked by the options, before any decode
+        DataOptions(f"imagefolder:{root}", image_size=8, resize="fit").validate()
 
 
 def test_non_square_images_of_one_size_become_square(tmp_path):

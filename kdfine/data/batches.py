@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kdfine.data.cache import advise_random, file_rows, release_pages
-from kdfine.errors import UsageError
+from kdfine.errors import InputError, UsageError
 
 PAD = 4  # pad-crop padding in pixels, as in the standard CIFAR recipe
 RRC_SCALE = (0.08, 1.0)  # random-resized-crop area share and aspect range (the ImageNet recipe)
@@ -246,10 +246,10 @@ class StreamBatches(TrainBatches):
     def _gather(self, steps, q: queue.Queue, stop: threading.Event) -> None:
         pin = self.device.type == "cuda"
         where = file_rows(self.images)
-        fd = os.open(where[0], os.O_RDONLY) if where else None
         row = int(np.prod(self.images.shape[1:]))
-        since = 0
-        try:
+        since, fd = 0, None
+        try:  # every failure, opening the file included, reaches the training loop through the queue
+            fd = os.open(where[0], os.O_RDONLY) if where else None
             for _, idx in steps:
                 if stop.is_set():
                     return
@@ -257,7 +257,9 @@ class StreamBatches(TrainBatches):
                 if fd is not None:  # positional reads: the page cache serves them, nothing is mapped
                     flat = out.numpy().reshape(len(idx), row)
                     for k, i in enumerate(idx.tolist()):
-                        os.preadv(fd, [flat[k]], where[1] + i * row)
+                        if os.preadv(fd, [flat[k]], where[1] + i * row) != row:
+                            raise InputError(f"decode cache {where[0]}: shorter than its header says; delete "
+                                             "it to rebuild")
                 else:
                     np.take(self.images, idx, axis=0, out=out.numpy(), mode="clip")
                     since += out.numel()

@@ -324,6 +324,11 @@ def file_rows(array: np.ndarray) -> tuple[str, int] | None:
         base = base.base
     if name is None or not isinstance(base, mmap.mmap) or not array.flags.c_contiguous:
         return None
+    try:  # the file must still be there under that name, at least as long as the map
+        if os.stat(name).st_size < len(base):
+            return None
+    except OSError:
+        return None
     start = np.frombuffer(base, np.uint8).ctypes.data
     return name, array.ctypes.data - start + (getattr(array, "offset", 0) // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
 
@@ -424,7 +429,9 @@ class EntryWriter:
         self.arrays[name] = array
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Publish the entry; returns its arrays. A failure to publish only costs the next run time."""
+        """Publish the entry; returns its arrays, mapped from the published files (the maps of the
+        build name files that the rename moved, and streamed batches open the file by name). A
+        failure to publish only costs the next run time (the arrays stay mapped, unnamed)."""
         if self.tmp is None:
             return self.arrays
         manifest = {**manifest, "key": self.key, "version": CACHE_VERSION, "arrays": sorted(self.arrays)}
@@ -436,6 +443,7 @@ class EntryWriter:
             if self.final.exists():  # a damaged entry that open_entry refused
                 shutil.rmtree(self.final, ignore_errors=True)
             os.rename(self.tmp, self.final)
+            return {name: open_array(self.final / f"{name}.npy") for name in self.arrays}
         except OSError:  # another process published the same entry first, or the disk is full
             self.abort()
         return self.arrays

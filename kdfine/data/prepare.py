@@ -24,7 +24,7 @@ from kdfine.errors import InputError, KdfineWarning, UsageError
 from kdfine.io import file_sha256, read_index, read_labels
 from kdfine.options import DataOptions
 
-_INHERITED = ("data", "data_root", "image_size", "test_fraction")
+_INHERITED = ("data", "data_root", "image_size", "resize", "test_fraction")
 _PATH_KINDS = ("imagefolder", "npz")
 
 
@@ -135,13 +135,15 @@ class Prepared:
         return f"{len(self.train)} samples, sha256 {h.hexdigest()[:16]}"
 
 
-def prepare(opts: DataOptions) -> Prepared:
-    """Load ``opts.data`` (digits when None) and apply ``--labels``, ``--label-noise`` and ``--keep``."""
+def prepare(opts: DataOptions, quiet: bool = False) -> Prepared:
+    """Load ``opts.data`` (digits when None; ``opts`` validated) and apply ``--labels``,
+    ``--label-noise`` and ``--keep``; ``quiet``: no decode progress bar."""
     spec = opts.data or "digits"  # read as given (messages name what the user typed), recorded absolute
     noise = parse_noise(opts.label_noise)
     fingerprint = data_fingerprint(spec)
     source = load_source(spec, root=opts.data_root, download=opts.download, image_size=opts.image_size,
-                         test_fraction=opts.test_fraction, augment=opts.augment)
+                         test_fraction=opts.test_fraction, augment=opts.augment, resize=opts.resize,
+                         strict=opts.strict, quiet=quiet)
     train, truth = source.train, None
     if opts.labels:
         train = train.with_labels(read_labels(opts.labels, len(train), train.num_classes))

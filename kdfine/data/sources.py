@@ -91,8 +91,7 @@ class Source:
     info: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> ArrayDataset:
-        if name not in ("train", "test"):
-            raise UsageError(f"--split '{name}': expected train or test")
+        """``train`` or ``test`` (checked by :class:`kdfine.options.EvalOptions`)."""
         return self.train if name == "train" else self.test
 
 
@@ -110,7 +109,8 @@ def parse_data_spec(spec: str) -> tuple[str, str]:
 def load_source(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
                 image_size: int | None = None, test_fraction: float = 0.2, augment: str | None = None,
                 resize: str = "crop", strict: bool = False, quiet: bool = False) -> Source:
-    """Load both splits of ``spec`` (see the module docstring).
+    """Load both splits of ``spec`` (see the module docstring). The values are those of
+    :class:`kdfine.options.DataOptions`, whose ``validate()`` checks them; call that first.
 
     image_size: square side to decode or resize to (default: the data's own; an image folder of
     one non-square size becomes square at its shorter side); resize: 'crop' (shorter side to
@@ -118,14 +118,6 @@ def load_source(spec: str, *, root: str | os.PathLike | None = None, download: b
     file in an image folder is an error (exit 3) instead of a warning; quiet: no decode progress bar.
     """
     kind, arg = parse_data_spec(spec)
-    if not 0.0 < test_fraction < 1.0:
-        raise UsageError(f"--test-fraction {test_fraction}: must lie strictly between 0 and 1")
-    if augment is not None and augment not in AUGMENTATIONS:
-        raise UsageError(f"--augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")
-    if resize not in RESIZE_MODES:
-        raise UsageError(f"--resize '{resize}': expected one of {', '.join(RESIZE_MODES)}")
-    if image_size is not None and image_size < 1:
-        raise UsageError(f"--image-size {image_size}: must be a positive number of pixels")
     ftr = fte = None
     manifest: dict[str, Any] = {}
     if kind == "digits":
@@ -163,6 +155,20 @@ def default_augment(kind: str, images: np.ndarray) -> str:
     if kind in ("cifar10", "cifar100"):
         return "crop-flip"
     return "crop-flip" if images.shape[3] == 3 and images.shape[1] >= 24 else "none"
+
+
+ZOO_PREFIXES = ("tv", "timm")  # archs from torchvision and timm (kdfine.models' prefixes)
+RRC_MIN_SIZE = 96  # below this, random-resized crops of photos lose too much; the built-in defaults stay
+
+
+def arch_augment(arch: str, image_size: int, dataset_default: str) -> str:
+    """The default training augmentation for ``arch``: rrc-flip for torchvision and timm archs
+    (``tv:NAME``, ``timm:NAME``) at ``image_size`` >= 96 px, the dataset's default otherwise.
+    Applies only when ``--augment`` was not given."""
+    prefix, sep, _ = arch.strip().partition(":")
+    if sep and prefix.lower() in ZOO_PREFIXES and image_size >= RRC_MIN_SIZE:
+        return "rrc-flip"
+    return dataset_default
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

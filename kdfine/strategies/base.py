@@ -22,7 +22,9 @@ class TrainSetup:
     """What every strategy is built from: the options (a ``TrainConfig``), the data and the device
     policy that :func:`kdfine.engine.fit` resolved. ``selection``: ``--keep`` indices or None;
     ``truth``: true labels (N,) or None, only to report the quality of FINE selections;
-    ``make_model(seed)``: a new network of the same architecture (two-network strategies)."""
+    ``make_model(seed)``: a new network of the same architecture (two-network strategies);
+    ``stream``: batches streamed from the decode cache (True), held on the device (False), or
+    chosen by the memory budget (None, :func:`kdfine.data.batches.should_stream`)."""
 
     cfg: Any
     model: nn.Module
@@ -35,6 +37,7 @@ class TrainSetup:
     selection: np.ndarray | None = None
     truth: np.ndarray | None = None
     make_model: Callable[[int], nn.Module] | None = None
+    stream: bool | None = None
 
 
 class Strategy:

@@ -11,19 +11,21 @@ import torch
 from torch import nn
 
 from kdfine import distributed, fine, metrics
-from kdfine.data.augment import augmented_copy
+from kdfine.data.augment import Draws, apply_draws, augment_draws
 from kdfine.data.batches import TrainBatches, epoch_seed
+from kdfine.data.batches import train_batches as make_batches
 from kdfine.device import autocast
 from kdfine.features import extract
 from kdfine.strategies.base import Strategy, TrainSetup, batch_loss, for_training, optimise, sgd
 
 
 def train_batches(s: TrainSetup, seed: int) -> TrainBatches:
-    """The training set on the device, batched for this rank, in the order of ``seed``."""
+    """The training set batched for this rank, in the order of ``seed``: held on the device, or
+    streamed from the decode cache (``s.stream``; the same batches either way)."""
     ctx = distributed.context()
-    return TrainBatches(s.train.images, s.train.labels, s.train.mean, s.train.std, batch_size=s.cfg.batch_size,
-                        device=s.device, augment=s.train.augment, seed=seed, channels_last=s.channels_last,
-                        rank=ctx.rank, world_size=ctx.world_size)
+    return make_batches(s.train.images, s.train.labels, s.train.mean, s.train.std, stream=s.stream,
+                        batch_size=s.cfg.batch_size, device=s.device, augment=s.train.augment, seed=seed,
+                        channels_last=s.channels_last, rank=ctx.rank, world_size=ctx.world_size)
 
 
 def universe_of(s: TrainSetup) -> np.ndarray:
@@ -112,11 +114,10 @@ def fine_round(s: TrainSetup, model: nn.Module, universe: np.ndarray, basis: np.
     from ``--seed`` and ``epoch``), as the official dynamic selection does; DivideMix's split
     passes no epoch (its recipe scores un-augmented images)."""
     train = s.train
-    images = train.images[universe]
+    draws = None
     if epoch is not None and s.cfg.fine_features == "augmented":
-        images = augmented_copy(images, train.augment, epoch_seed(s.cfg.seed, 10_000 + epoch))
-    feats, _ = extract(model, images, train.mean, train.std, device=s.device,
-                       precision=s.precision, channels_last=s.channels_last)
+        draws = augment_draws(universe.size, train.augment, epoch_seed(s.cfg.seed, 10_000 + epoch))
+    feats = universe_features(s, model, universe, draws)
     labels = train.labels[universe]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fine.FineWarning)
@@ -126,6 +127,25 @@ def fine_round(s: TrainSetup, model: nn.Module, universe: np.ndarray, basis: np.
     if selected.size < max(2, distributed.context().world_size):
         selected = universe  # a degenerate split never stops training
     return selected, np.asarray(det.p_clean, np.float64), selection_record(s, universe, selected, prefix)
+
+
+FEATURE_CHUNK_BYTES = 256 << 20  # images gathered at a time for the features of a subset
+
+
+def universe_features(s: TrainSetup, model: nn.Module, universe: np.ndarray, draws: Draws | None) -> np.ndarray:
+    """Features (len(universe), D) of the training images at the sorted dataset indices
+    ``universe``, with the augmentation ``draws`` (one per universe row) applied. The whole set
+    un-augmented is read in order (from the cache's memory map batch by batch); otherwise the
+    images are gathered and augmented ``FEATURE_CHUNK_BYTES`` at a time, never as one copy."""
+    images, train = s.train.images, s.train
+    run = lambda x: extract(model, x, train.mean, train.std, device=s.device, precision=s.precision,
+                            channels_last=s.channels_last)[0]
+    if draws is None and universe.size == images.shape[0]:
+        return run(images)
+    step = max(1, FEATURE_CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+    parts = [run(apply_draws(images[universe[lo:lo + step]], None if draws is None else draws.rows(lo, lo + step)))
+             for lo in range(0, universe.size, step)]
+    return np.concatenate(parts) if parts else run(images[:0])
 
 
 def selection_record(s: TrainSetup, universe: np.ndarray, selected: np.ndarray, prefix: str = "fine") -> dict[str, Any]:

@@ -129,9 +129,16 @@ def takes(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
 # ------------------------------------------------------------------------------------- plumbing
 
 
+def _stderr_line(text: str) -> None:
+    """One line on stderr in one write: under torchrun every rank shares the pipe, and print's
+    separate write of the newline lets another rank's line land in between."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     if not _state["quiet"] and not _state["rank"]:  # under torchrun, rank 0 speaks for all
-        print(f"kdfine: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+        _stderr_line(f"kdfine: warning: {str(message).splitlines()[0]}")
 
 
 def command(fn: Callable) -> Callable:
@@ -189,7 +196,7 @@ def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
     if _state["debug"] and exc is not None:
         traceback.print_exception(exc, file=sys.stderr)
     who = f" (rank {_state['rank']})" if _state.get("rank") else ""
-    print(f"kdfine: error{who}: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr, flush=True)
+    _stderr_line(f"kdfine: error{who}: {message.splitlines()[0] if message else 'failed'}")
     raise typer.Exit(code)
 
 
@@ -679,7 +686,7 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = " ".join(e.format_message().replace("Value error, ", "").split())
-        print(f"kdfine: error: {message}{hint}", file=sys.stderr)
+        _stderr_line(f"kdfine: error: {message}{hint}")
         code = e.exit_code
     except typer.Abort:
         code = EXIT_INTERRUPTED

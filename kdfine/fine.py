@@ -41,6 +41,7 @@ import numpy as np
 from kdfine.errors import KdfineWarning
 
 CHUNK = 16384
+GRAM_CHUNK = 65536  # rows per block of the gram pass: more rows per class and product, fewer sums
 FLUSH_ROWS = 8192  # rows of one class summed in float32 before the partial gram joins the float64 total
 METHODS = ("gmm", "kmeans", "small-loss", "auto", "knn")  # detect-noise/clean --method, in one place
 NEEDS_LOGITS = ("small-loss", "auto")
@@ -130,7 +131,7 @@ def thread_limit(threads: int):
 
 
 def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarray | None = None,
-                chunk: int = CHUNK) -> np.ndarray:
+                chunk: int = GRAM_CHUNK) -> np.ndarray:
     """Uncentred per-class gram matrices (K, D, D) float64 of raw ``features`` (N, D).
 
     subset: optional boolean mask (N,) or index array; only those rows contribute.
@@ -153,9 +154,8 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
                 xk = x[yc == k]
                 grams[k] += (xk.T @ xk).double()
         return grams.cpu().numpy()
-    # Per class, syrk adds x^T x of each chunk's rows into a float32 partial sum (its lower
-    # triangle, in place) and the partial sum joins the float64 total every FLUSH_ROWS rows: one
-    # float64 add per FLUSH_ROWS rows instead of one per class per chunk, which cost more than the
+    # Per class, x^T x of each chunk's rows is added into a float32 partial sum, which joins the
+    # float64 total every FLUSH_ROWS rows: one float64 add per FLUSH_ROWS rows instead of one per class per chunk, which cost more than the
     # products themselves when classes are many. Each worker thread owns the classes k with
     # k % threads == its number, so no two threads touch the same sums.
     grams = np.zeros((num_classes, d, d), dtype=np.float64)
@@ -174,8 +174,8 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     for k in np.flatnonzero(pending):
         grams[k] += part[k]
     del part
-    for g in grams:  # lower triangle -> full symmetric matrix
-        g += np.tril(g, -1).T
+    for g in grams:  # exactly symmetric, whatever the BLAS rounded (one class at a time: no copy of all)
+        g[:] = (g + g.T) / 2
     return grams
 
 
@@ -189,16 +189,16 @@ def _class_groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 
 def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray) -> None:
-    from scipy.linalg.blas import ssyrk
-
+    # numpy's matmul releases the GIL (scipy's f2py syrk does not, which left one core idle); the
+    # product goes into one reused buffer: a fresh D x D array per class and block costs page faults.
+    d = block.shape[1]
+    prod = np.empty((d, d), dtype=np.float32)
     for k, idx in groups:
         xk = np.take(block, idx, axis=0)
         if xk.dtype != np.float32:
             xk = xk.astype(np.float32)
-        # part[k].T is Fortran-ordered: syrk writes its upper triangle, part[k]'s lower one
-        out = ssyrk(1.0, xk.T, beta=1.0, c=part[k].T, trans=0, lower=0, overwrite_c=1)
-        if not np.may_share_memory(out, part[k]):
-            part[k] = out.T
+        np.matmul(xk.T, xk, out=prod)
+        part[k] += prod
         pending[k] += idx.size
         if pending[k] >= FLUSH_ROWS:
             grams[k] += part[k]

@@ -57,7 +57,8 @@ import benchinfo  # noqa: E402
 from kdfine import device as kdevice  # noqa: E402
 from kdfine import features as kfeatures  # noqa: E402
 from kdfine.data.sources import ArrayDataset, cache_dir, load_source  # noqa: E402
-from kdfine.engine import Reporter, TeacherEnsemble, fit, param_groups  # noqa: E402
+from kdfine.engine import Reporter, TeacherEnsemble, fit  # noqa: E402
+from kdfine.optim import param_groups  # noqa: E402
 from kdfine.options import TrainConfig, parse_schedule  # noqa: E402
 from kdfine.models import build  # noqa: E402
 

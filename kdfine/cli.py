@@ -366,7 +366,6 @@ def eval_(
     from kdfine.outputs import Outputs
 
     runs: list[dict[str, Any]] = []
-    collect = None
     outs = Outputs()  # the dump and the plots land together, or none of them
     if plot:  # before importing the library: a missing matplotlib fails at once
         from kdfine import plots
@@ -375,16 +374,16 @@ def eval_(
         for p in plots.evaluation_paths(plot):
             outs.add(p, "--plot")
 
-        def collect(ck, logits, ds):
-            runs.append({"name": Path(ck.path).name, "logits": logits, "labels": ds.labels, "classes": ds.classes})
+    def collect(ck, logits, ds) -> None:  # the logits of each model, for --plot
+        runs.append({"name": Path(ck.path).name, "logits": logits, "labels": ds.labels, "classes": ds.classes})
 
     from kdfine import api
     from kdfine.render import eval_report
 
     with outs:
         res = api.evaluate(model, data=data, split=ev.split, teachers=teacher, dump_features=dump_features,
-                           device=device, batch_size=ev.batch_size, precision=ev.precision, on_logits=collect,
-                           outputs=outs, quiet=quiet)
+                           device=device, batch_size=ev.batch_size, precision=ev.precision,
+                           on_logits=collect if plot else None, outputs=outs, quiet=quiet)
         if plot and _is_main():
             res["plots"] = _stage_eval_plots(outs, plot, runs)
         if _is_main():

@@ -90,6 +90,29 @@ def write_png_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6
     return root
 
 
+def digits_slice(n_train: int, n_test: int = 100):
+    """The first ``n_train`` training and ``n_test`` test images of digits (8x8 grey, 10 classes),
+    for in-process training tests."""
+    from dataclasses import replace
+
+    from kdfine.data.sources import load_source
+
+    src = load_source("digits")
+    tr, te = src.train, src.test
+    return (replace(tr, images=tr.images[:n_train], labels=tr.labels[:n_train]),
+            replace(te, images=te.images[:n_test], labels=te.labels[:n_test]))
+
+
+def tiny_cnn(train, seed: int = 0):
+    """kdfine's ``cnn`` for the dataset ``train``, initialised from ``seed``."""
+    import torch
+
+    from kdfine.models import build
+
+    torch.manual_seed(seed)
+    return build("cnn", train.num_classes, train.in_channels, train.image_size)
+
+
 def read_json(text: str):
     return json.loads(text)
 

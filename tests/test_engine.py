@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import digits_slice, tiny_cnn
 from kdfine import state
 from kdfine.checkpoint import state_tensors
 from kdfine.data.noise import apply_noise
-from kdfine.data.sources import load_source
 from kdfine.engine import TrainConfig, fit
 from kdfine.errors import InputError, UsageError
-from kdfine.models import build
 from kdfine.progress import Reporter
 from kdfine.signals import StopFlag, sigterm_as_interrupt
 
@@ -27,16 +26,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def digits():
-    """The first 256 training and 100 test images of digits (8x8 grey, 10 classes)."""
-    src = load_source("digits")
-    tr, te = src.train, src.test
-    return (replace(tr, images=tr.images[:256], labels=tr.labels[:256]),
-            replace(te, images=te.images[:100], labels=te.labels[:100]))
+    return digits_slice(256)
 
 
-def _model(train, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build("cnn", train.num_classes, train.in_channels, train.image_size)
+_model = tiny_cnn
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -13,16 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import digits_slice, tiny_cnn
 from kdfine import state
 from kdfine.checkpoint import read_meta
 from kdfine.data.augment import apply_draws, augment_draws, augmented_copy
 from kdfine.data.batches import PAD
 from kdfine.data.prepare import split_validation
-from kdfine.data.sources import load_source
 from kdfine.engine import TrainConfig, evaluate, fit
 from kdfine.errors import UsageError
 from kdfine.losses import kd_loss
-from kdfine.models import build
 from kdfine.optim import build_optimizer, lr_function
 from kdfine.options import parse_schedule
 from kdfine.progress import Reporter
@@ -33,16 +32,10 @@ QUIET = Reporter(quiet=True)
 
 @pytest.fixture(scope="module")
 def digits():
-    """The first 320 training and 100 test images of digits (8x8 grey, 10 classes)."""
-    src = load_source("digits")
-    tr, te = src.train, src.test
-    return (replace(tr, images=tr.images[:320], labels=tr.labels[:320]),
-            replace(te, images=te.images[:100], labels=te.labels[:100]))
+    return digits_slice(320)
 
 
-def _model(train, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build("cnn", train.num_classes, train.in_channels, train.image_size)
+_model = tiny_cnn
 
 
 def _cfg(**kw) -> TrainConfig:

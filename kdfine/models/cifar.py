@@ -33,6 +33,19 @@ def conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 # ------------------------------------------------------------------------------ pre-activation
 
 
+def stages(block: type[nn.Module], cin: int, widths: list[int], depths: list[int],
+           strides: list[int]) -> tuple[nn.Sequential, int]:
+    """The residual stages as one flat Sequential (its indices are the checkpoints' key names):
+    per stage ``depth`` blocks of ``width`` channels, the first with the stage's stride. Returns
+    it and the output channels."""
+    layers = []
+    for w, d, s in zip(widths, depths, strides):
+        for i in range(d):
+            layers.append(block(cin, w, s if i == 0 else 1))
+            cin = w
+    return nn.Sequential(*layers), cin
+
+
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
 
@@ -58,12 +71,7 @@ class PreActNet(Classifier):
                  num_classes: int, in_channels: int):
         super().__init__()
         self.stem = conv3(in_channels, stem)
-        layers, cin = [], stem
-        for w, d, s in zip(widths, depths, strides):
-            for i in range(d):
-                layers.append(PreActBlock(cin, w, s if i == 0 else 1))
-                cin = w
-        self.blocks = nn.Sequential(*layers)
+        self.blocks, cin = stages(PreActBlock, stem, widths, depths, strides)
         self.bn = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -101,12 +109,7 @@ class ResNet(Classifier):
                  num_classes: int, in_channels: int):
         super().__init__()
         self.stem = nn.Sequential(conv3(in_channels, stem), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
-        layers, cin = [], stem
-        for w, d, s in zip(widths, depths, strides):
-            for i in range(d):
-                layers.append(BasicBlock(cin, w, s if i == 0 else 1))
-                cin = w
-        self.blocks = nn.Sequential(*layers)
+        self.blocks, cin = stages(BasicBlock, stem, widths, depths, strides)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = cin
         self.head = nn.Linear(cin, num_classes)

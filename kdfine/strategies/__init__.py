@@ -16,13 +16,13 @@ schedules them all, and the checkpoint holds ``models[0]``.
 
 from __future__ import annotations
 
-from kdfine.strategies.base import Strategy, TrainSetup, for_training, param_groups, sgd
+from kdfine.strategies.base import Strategy, TrainSetup, for_training, sgd
 from kdfine.strategies.coteach import CoteachStrategy
 from kdfine.strategies.dividemix import DivideMixStrategy
 from kdfine.strategies.select import SelectStrategy, fine_select
 
 __all__ = ["Strategy", "TrainSetup", "SelectStrategy", "CoteachStrategy", "DivideMixStrategy", "build",
-           "fine_select", "for_training", "param_groups", "sgd"]
+           "fine_select", "for_training", "sgd"]
 
 STRATEGY_CLASSES = {"select": SelectStrategy, "coteach": CoteachStrategy, "dividemix": DivideMixStrategy}
 

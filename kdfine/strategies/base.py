@@ -14,7 +14,7 @@ from kdfine import distributed, metrics
 from kdfine.data.sources import ArrayDataset
 from kdfine.features import extract
 from kdfine.losses import LABEL_LOSSES, kd_loss, label_loss
-from kdfine.optim import build_optimizer, param_groups  # noqa: F401 (param_groups: re-exported)
+from kdfine.optim import build_optimizer
 
 
 @dataclass

@@ -455,6 +455,14 @@ def label_log_likelihood(logits, labels: np.ndarray, chunk: int = 65536) -> np.n
     return out
 
 
+def label_fit_rate(logits, labels: np.ndarray, chunk: int = 65536) -> float:
+    """The share of samples whose label is the argmax of their logits (N, K), read in row blocks."""
+    hits = 0
+    for lo in range(0, labels.size, chunk):
+        hits += int((np.asarray(logits[lo:lo + chunk]).argmax(axis=1) == labels[lo:lo + chunk]).sum())
+    return hits / max(labels.size, 1)
+
+
 @dataclass
 class Detection:
     """The result of :func:`detect`: indices kept as clean (sorted), per-sample scores and
@@ -521,10 +529,11 @@ def detect(features, labels, num_classes: int | None = None, *, zeta: float = 0.
 
         _, loss_p, likelihood = small_loss_split(logits, labels, zeta=zeta, seed=seed)
         loss = -np.log(np.maximum(likelihood, np.finfo(np.float64).tiny))
-        c = combined.combine(scores, p, loss, loss_p, labels, k, zeta=zeta)
+        c = combined.combine(scores, p, loss, loss_p, labels, k, zeta=zeta,
+                             fit_rate=label_fit_rate(logits, labels))
         report = _report(c.keep, c.score, labels, k, note=c.short())
-        detail = {"weights": c.weights, "separation": c.separation, "em_iterations": c.iterations,
-                  "description": c.describe()}
+        detail = {"weights": c.weights, "separation": c.separation, "memorised": c.memorised,
+                  "em_iterations": c.iterations, "description": c.describe()}
         return Detection(np.flatnonzero(c.keep), c.score, c.p_clean, vectors, report, method, detail)
     return Detection(np.flatnonzero(keep), scores, p, vectors, report, method)
 

@@ -84,3 +84,29 @@ def test_auto_through_detect_uses_both_signals():
 
 def test_ranks_are_mean_ranks_of_ties():
     assert combined.ranks01(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [0.875, 0.25, 0.875, 0.5]
+
+
+def test_memorisation_is_the_share_of_rejected_samples_the_model_still_fits():
+    assert combined.memorisation(0.99, 0.4) == pytest.approx(0.975)
+    assert combined.memorisation(0.6, 0.4) == 0.0  # fits exactly what FINE keeps
+    assert combined.memorisation(0.3, 0.6) == 0.0 and combined.memorisation(1.0, 0.0) == 1.0
+
+
+def test_auto_follows_the_loss_when_the_model_has_not_fitted_the_wrong_labels():
+    """With a fit rate at or below FINE's kept share (m = 0), auto is the small-loss detector;
+    without one it is the joint mixture (m = 1); in between, a blend."""
+    x, labels, truth = clusters(7)
+    det = fine.detect(x, labels, 4)
+    rng = np.random.default_rng(7)
+    loss = np.where(labels == truth, 0.2, 1.5) + rng.normal(0, 0.3, labels.size)
+    loss_p = np.clip(1.2 - loss, 0, 1)
+    args = (det.scores, det.p_clean, loss, loss_p, labels, 4)
+    under = combined.combine(*args, fit_rate=0.1)
+    assert under.memorised == 0.0 and under.weights == {"fine": 0.0, "loss": 1.0}
+    assert np.array_equal(under.keep, loss_p > 0.5)
+    assert np.allclose(np.argsort(under.score, kind="stable"), np.argsort(combined.ranks01(-loss), kind="stable"))
+    full = combined.combine(*args)
+    assert full.memorised == 1.0 and np.array_equal(full.keep, combined.combine(*args, fit_rate=1.0).keep)
+    half = combined.combine(*args, fit_rate=1 - 0.5 * np.mean(det.p_clean <= 0.5))
+    assert half.memorised == pytest.approx(0.5)
+    assert half.weights["loss"] == pytest.approx(0.5 * full.weights["loss"] + 0.5)

@@ -21,8 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/pipeline.sh
 
+# One worker per core, each test file on one worker (its module fixtures run once).
 test: $(STAMP) groff
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # tests/test_man.py renders the man pages with groff (Debian's groff-base, present on most systems).
 groff:

@@ -108,6 +108,28 @@ def row_blocks(features, chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]
             yield lo, rows
 
 
+def take_rows(features, rows: np.ndarray) -> np.ndarray:
+    """``features[rows]`` (sorted indices) as a new array. Rows of a file-backed memmap are read
+    with positional reads: gathering scattered rows through the mapping would leave their whole
+    read-ahead neighbourhoods resident (10,000 rows of a 2 GB file: over a GB)."""
+    src = _npy_file(features)
+    if src is None:
+        x = features[rows]
+        return x.detach().cpu().numpy() if _is_torch(x) else np.asarray(x)
+    path, offset = src
+    out = np.empty((rows.size,) + features.shape[1:], dtype=features.dtype)
+    size = out[0].nbytes if rows.size else 0
+    flat = out.reshape(rows.size, -1).view(np.uint8) if rows.size else out
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, r in enumerate(rows.tolist()):
+            if os.preadv(fd, [flat[i]], offset + r * size) != size:
+                raise EOFError(f"{path}: file ends before row {r}")
+    finally:
+        os.close(fd)
+    return out
+
+
 def cpu_threads() -> int:
     """CPUs this process may use, shared among the ranks of this host under torchrun."""
     try:

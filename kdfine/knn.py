@@ -10,8 +10,9 @@ The neighbours are searched among a reference set: all rows when N <= ``referenc
 ``reference`` rows drawn without replacement (seeded). The search is a blocked matrix product
 (query blocks of ``block`` rows against the reference set, float32 BLAS, top-k by
 ``argpartition``), which is what scikit-learn's brute-force ``NearestNeighbors`` does for cosine;
-the features are streamed twice (reference rows, then queries), so the resident memory is the
-reference set (reference x D float32: 20 MB at 10,000 x 512) plus one block of similarities.
+the reference rows are read with positional reads and the queries streamed in blocks, so the
+resident memory is the reference set (reference x D float32: 20 MB at 10,000 x 512) plus one
+block of similarities.
 An exact search of 1M rows would be N^2 D = 5e14 multiply-adds, hours on a CPU; the reference
 set bounds it at N x reference x D.
 """
@@ -52,7 +53,7 @@ def neighbour_labels(features, labels: np.ndarray, *, k: int = K, reference: int
     k = min(k, ref.size - 1 if ref.size == n else ref.size)
     if k < 1:
         raise ValueError("knn needs at least 2 samples")
-    refx = _normalised(np.asarray(features[ref]))
+    refx = _normalised(fine.take_rows(features, ref))
     ref_labels = labels[ref]
     for lo, rows in fine.row_blocks(features, block):
         sims = _normalised(rows) @ refx.T  # (b, reference)
@@ -60,7 +61,7 @@ def neighbour_labels(features, labels: np.ndarray, *, k: int = K, reference: int
         pos = np.minimum(np.searchsorted(ref, q), ref.size - 1)
         own = ref[pos] == q
         sims[np.flatnonzero(own), pos[own]] = -np.inf  # a row is not its own neighbour
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]  # no negated copy of the block
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         yield lo, ref_labels[np.take_along_axis(top, order, axis=1)]
 

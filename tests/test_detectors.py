@@ -110,3 +110,17 @@ def test_auto_follows_the_loss_when_the_model_has_not_fitted_the_wrong_labels():
     half = combined.combine(*args, fit_rate=1 - 0.5 * np.mean(det.p_clean <= 0.5))
     assert half.memorised == pytest.approx(0.5)
     assert half.weights["loss"] == pytest.approx(0.5 * full.weights["loss"] + 0.5)
+
+
+def test_take_rows_reads_a_memmap_with_positional_reads(tmp_path):
+    x = np.random.default_rng(2).random((300, 7)).astype(np.float32)
+    np.save(tmp_path / "f.npy", x)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    rows = np.array([0, 5, 6, 150, 299])
+    assert fine._npy_file(mm) is not None
+    got = fine.take_rows(mm, rows)
+    assert isinstance(got, np.ndarray) and not isinstance(got, np.memmap) and np.array_equal(got, x[rows])
+    assert np.array_equal(fine.take_rows(x, rows), x[rows])
+    a = knn.knn_split(mm, np.arange(300) % 3, reference=100, seed=1)
+    b = knn.knn_split(x, np.arange(300) % 3, reference=100, seed=1)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))

@@ -71,7 +71,6 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     import torch
 
     from kdfine import checkpoint, distributed
-    from kdfine.data.batches import should_stream
     from kdfine.engine import TeacherEnsemble, fit
     from kdfine.progress import Reporter
     from kdfine.models.weights import initial_model
@@ -81,11 +80,7 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     arch = arch or DEFAULT_ARCH[stage][data.train.image_size >= LARGE_INPUT]
     data = _with_weights_stats(data, arch, model_opts)
     train, teachers = _train_split(arch, data), teachers or []
-    stream = should_stream(train.images.shape, train.augment, ctx.device, data.options.stream)
-    if stream and cfg.fine_strategy == "dividemix":  # refused now, not at the end of the warm-up
-        why = "" if data.options.stream else " (the training set exceeds the memory budget, KDFINE_MEMORY_BUDGET)"
-        raise UsageError(f"--fine-strategy dividemix draws second views of any training image at any time: it "
-                         f"needs the training set in memory{why}; give --no-stream")
+    stream = _stream_choice(train, data.options.stream, cfg, ctx)
 
     def make(seed: int) -> tuple[torch.nn.Module, str | None]:
         """The network and where its weights came from; seeded, so that the second network of
@@ -123,14 +118,7 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
                  truth=data.truth, state_file=state, resume=resume, force=force, run_config=run_config,
                  log_path=log, reporter=reporter, make_model=lambda seed: make(seed)[0], val_index=val_index,
                  stream=stream)
-    final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
-    if result.best_epoch is not None:  # --keep-best val: test_* are the best-validation epoch's
-        final.update(best_epoch=result.best_epoch, val_top1_best=result.best_val,
-                     test_top1_last=(result.test_last or {}).get("top1"))
-    if result.history:
-        last = result.history[-1]
-        final.update(train_loss=last["loss"], train_acc=last["train_acc"],
-                     img_per_s=float(np.median([h["img_per_s"] for h in result.history])))
+    final = _final_metrics(result)
     meta = _base_meta(arch, data, cfg, stage)
     meta.update(metrics=final, config=run_config, init=init, parents=[t.sha256 for t in teachers],
                 parent_paths=[str(Path(t.path).resolve()) for t in teachers])
@@ -147,6 +135,34 @@ def _train(out: str, arch: str | None, data: Prepared, cfg: TrainConfig, ctx: di
     return {"path": str(out), "sha256": sha, "stage": stage, "arch": arch, "metrics": final,
             "best_epoch": result.best_epoch, "epochs": result.history, "streamed": stream,
             "skipped": data.source.skipped}
+
+
+def _stream_choice(train: ArrayDataset, asked: bool | None, cfg: TrainConfig, ctx: distributed.Context) -> bool:
+    """Whether the training batches are streamed (``--stream/--no-stream``, else by the memory
+    budget); DivideMix, which needs the set in memory, is refused now, not after its warm-up."""
+    from kdfine.data.batches import should_stream
+
+    stream = should_stream(train.images.shape, train.augment, ctx.device, asked)
+    if stream and cfg.fine_strategy == "dividemix":
+        why = "" if asked else " (the training set exceeds the memory budget, KDFINE_MEMORY_BUDGET)"
+        raise UsageError(f"--fine-strategy dividemix draws second views of any training image at any time: it "
+                         f"needs the training set in memory{why}; give --no-stream")
+    return stream
+
+
+def _final_metrics(result: Any) -> dict[str, Any]:
+    """The checkpoint's ``metrics`` from a :class:`kdfine.engine.FitResult`: test_* (of the best-
+    validation epoch with --keep-best val, then also the last epoch's top-1) and the last epoch's
+    training loss, accuracy and the median img/s."""
+    final = {f"test_{k}": v for k, v in result.test.items() if k != "n"}
+    if result.best_epoch is not None:
+        final.update(best_epoch=result.best_epoch, val_top1_best=result.best_val,
+                     test_top1_last=(result.test_last or {}).get("top1"))
+    if result.history:
+        last = result.history[-1]
+        final.update(train_loss=last["loss"], train_acc=last["train_acc"],
+                     img_per_s=float(np.median([h["img_per_s"] for h in result.history])))
+    return final
 
 
 def _train_split(arch: str, data: Prepared) -> ArrayDataset:

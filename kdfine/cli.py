@@ -292,10 +292,15 @@ def _training_done(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
     from kdfine.render import train_summary
 
     _show([train_summary(result)], quiet)
+    _emit_result(result, as_json)
+
+
+def _emit_result(doc: dict[str, Any], as_json: bool) -> None:
+    """stdout of a command that writes one file: the JSON document, or the file's path alone."""
     if as_json:
-        _emit_json(result)
+        _emit_json(doc)
     else:
-        _emit_line(result["path"])
+        _emit_line(doc["path"])
 
 
 @app.command("train-teacher", rich_help_panel=TRAIN)
@@ -540,10 +545,7 @@ def export(
     doc = api.export(model, out, fmt=fmt, opset=opset)
     _note(f"wrote {doc['path']} ({doc['format']}, {doc['bytes']:,} bytes; outputs match the checkpoint's on "
           f"{doc['checked_on']})", quiet)
-    if json_out:
-        _emit_json(doc)
-    else:
-        _emit_line(doc["path"])
+    _emit_result(doc, json_out)
 
 
 @app.command("predict", rich_help_panel=EVAL)

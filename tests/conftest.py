@@ -113,6 +113,20 @@ def tiny_cnn(train, seed: int = 0):
     return build("cnn", train.num_classes, train.in_channels, train.image_size)
 
 
+def stop_after(n: int):
+    """A quiet Reporter that raises KeyboardInterrupt at the epoch line of epoch ``n`` (before that
+    epoch's state is saved), like a second Ctrl-C between two epochs: the state after epoch n-1
+    is on disk."""
+    from kdfine.progress import Reporter
+
+    class StopAfter(Reporter):
+        def epoch_line(self, rec, epochs):
+            if rec["epoch"] == n:
+                raise KeyboardInterrupt
+
+    return StopAfter(quiet=True)
+
+
 def read_json(text: str):
     return json.loads(text)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import digits_slice, tiny_cnn
+from conftest import digits_slice, stop_after, tiny_cnn
 from kdfine import state
 from kdfine.checkpoint import state_tensors
 from kdfine.data.noise import apply_noise
@@ -69,17 +69,6 @@ def test_dynamic_fine_selection_trains_on_a_subset_of_the_keep_list(digits):
     assert np.all(np.diff(r.selection) > 0) and np.isin(r.selection, keep).all()
 
 
-class _StopAfter(Reporter):
-    """Raises KeyboardInterrupt at the epoch line of epoch ``n`` (before that epoch's state is
-    saved), like a second Ctrl-C between two epochs."""
-
-    def __init__(self, n: int):
-        super().__init__(quiet=True)
-        self.n = n
-
-    def epoch_line(self, rec, epochs):
-        if rec["epoch"] == self.n:
-            raise KeyboardInterrupt
 
 
 def test_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_path):
@@ -88,7 +77,7 @@ def test_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_p
     ref = fit(_model(train), train, cfg, device=CPU, reporter=Reporter(quiet=True))
     path = tmp_path / "run.state.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(train), train, cfg, device=CPU, state_file=path, reporter=_StopAfter(3))
+        fit(_model(train), train, cfg, device=CPU, state_file=path, reporter=stop_after(3))
     assert state.load_state(path)[1]["epoch"] == 2
     resumed = fit(_model(train, seed=99), train, cfg, device=CPU, state_file=path, resume=True,
                   reporter=Reporter(quiet=True))

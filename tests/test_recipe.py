@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import digits_slice, tiny_cnn
+from conftest import digits_slice, stop_after, tiny_cnn
 from kdfine import state
 from kdfine.checkpoint import read_meta
 from kdfine.data.augment import apply_draws, augment_draws, augmented_copy
@@ -42,16 +42,6 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"epochs": 2, "batch_size": 64, "seed": 1, **kw})
 
 
-class _StopAfter(Reporter):
-    """KeyboardInterrupt at the epoch line of epoch ``n``: the state after epoch n-1 is on disk."""
-
-    def __init__(self, n: int):
-        super().__init__(quiet=True)
-        self.n = n
-
-    def epoch_line(self, rec, epochs):
-        if rec["epoch"] == self.n:
-            raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------------ schedule, optimizer
@@ -74,7 +64,7 @@ def test_gamma_plain_momentum_and_decay_all_reach_the_optimizer(digits, tmp_path
     cfg = _cfg(epochs=5, lr=0.1, schedule="multistep:2,4:0.01", nesterov=False, decay_all=True)
     path = tmp_path / "run.state.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(train), train, cfg, device=CPU, state_file=path, reporter=_StopAfter(4))
+        fit(_model(train), train, cfg, device=CPU, state_file=path, reporter=stop_after(4))
     _, info = state.load_state(path)
     assert [h["lr"] for h in info["history"]] == pytest.approx([0.1, 0.1, 1e-3])
     groups = info["optimizers"][0]["param_groups"]
@@ -150,7 +140,7 @@ def test_keep_best_val_returns_the_best_validation_epoch_and_resumes_with_it(dig
     assert evaluate(ref.model, test, CPU)["top1"] == ref.test["top1"]
     path = tmp_path / "run.state.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(train), train, cfg, state_file=path, reporter=_StopAfter(5), **run)
+        fit(_model(train), train, cfg, state_file=path, reporter=stop_after(5), **run)
     tensors, info = state.load_state(path)
     assert np.array_equal(tensors["val_index"].numpy(), val_idx) and info["best_epoch"] is not None
     resumed = fit(_model(train, seed=5), train, cfg, state_file=path, resume=True, reporter=QUIET, **run)

@@ -116,15 +116,14 @@ def take_rows(features, rows: np.ndarray) -> np.ndarray:
     if src is None:
         x = features[rows]
         return x.detach().cpu().numpy() if _is_torch(x) else np.asarray(x)
+    from kdfine.io import pread_rows
+
     path, offset = src
     out = np.empty((rows.size,) + features.shape[1:], dtype=features.dtype)
-    size = out[0].nbytes if rows.size else 0
-    flat = out.reshape(rows.size, -1).view(np.uint8) if rows.size else out
     fd = os.open(path, os.O_RDONLY)
     try:
-        for i, r in enumerate(rows.tolist()):
-            if os.preadv(fd, [flat[i]], offset + r * size) != size:
-                raise EOFError(f"{path}: file ends before row {r}")
+        if not pread_rows(fd, out, offset, rows.tolist()):
+            raise EOFError(f"{path}: the file ends before the rows its header declares")
     finally:
         os.close(fd)
     return out

@@ -115,6 +115,16 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray, option: str = "-
     return Path(path)
 
 
+def pread_rows(fd: int, out: np.ndarray, offset: int, rows) -> bool:
+    """Fill ``out`` (len(rows), ...) with the fixed-size rows ``rows`` of a file (row r starts at
+    byte ``offset + r * row size``) by positional reads: the page cache serves them and nothing is
+    mapped into the process, where scattered rows would leave their read-ahead resident. False
+    when the file ends before a row (the caller names the file)."""
+    flat = out.reshape(len(out), -1).view(np.uint8)
+    size = flat.shape[1] if flat.ndim == 2 else 0
+    return all(os.preadv(fd, [flat[k]], offset + int(r) * size) == size for k, r in enumerate(rows))
+
+
 def write_text(path: str, text: str, option: str = "--out") -> None:
     """Write ``text`` to ``path`` atomically, or to stdout when ``path`` is ``-``."""
     if path == "-":

@@ -86,14 +86,16 @@ def _augmentations() -> Sequence[str]:
     return AUGMENTATIONS
 
 
-# train-teacher's --loss: the TrainConfig field ``loss`` with the label losses as its choices
-TEACHER_LOSS_FLAG = Flag("--loss", "Loss on the labels: ce, gce (generalized CE, --gce-q) or sce (symmetric CE, "
-                         "--sce-alpha, --sce-beta); alone or with any --fine-strategy.", P_TRAIN,
-                         choices=_label_losses)
 def _resize_modes() -> Sequence[str]:
     from kdfine.data.sources import RESIZE_MODES
 
     return RESIZE_MODES
+
+
+# train-teacher's --loss: the TrainConfig field ``loss`` with the label losses as its choices
+TEACHER_LOSS_FLAG = Flag("--loss", "Loss on the labels: ce, gce (generalized CE, --gce-q) or sce (symmetric CE, "
+                         "--sce-alpha, --sce-beta); alone or with any --fine-strategy.", P_TRAIN,
+                         choices=_label_losses)
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -52,3 +52,20 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
         write_csv("/dev/full", ["index"], [np.arange(100000)], ["{}"])
     with pytest.raises(InputError, match="does not exist"):
         write_csv(str(tmp_path / "no" / "x.csv"), ["index"], [np.arange(3)], ["{}"])
+
+
+def test_pread_rows_reads_rows_at_their_offsets_and_reports_a_short_file(tmp_path):
+    import os
+
+    from kdfine.io import pread_rows
+
+    x = np.arange(60, dtype=np.uint8).reshape(10, 6)
+    path = tmp_path / "rows.bin"
+    path.write_bytes(b"HEAD" + x.tobytes())
+    out = np.empty((3, 6), np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert pread_rows(fd, out, 4, [7, 0, 9]) and np.array_equal(out, x[[7, 0, 9]])
+        assert not pread_rows(fd, out, 4, [10])  # past the end
+    finally:
+        os.close(fd)

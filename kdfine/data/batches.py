@@ -29,6 +29,7 @@ import torch
 
 from kdfine.data.cache import advise_random, file_rows, release_pages
 from kdfine.errors import InputError, UsageError
+from kdfine.io import pread_rows
 
 PAD = 4  # pad-crop padding in pixels, as in the standard CIFAR recipe
 RRC_SCALE = (0.08, 1.0)  # random-resized-crop area share and aspect range (the ImageNet recipe)
@@ -246,7 +247,6 @@ class StreamBatches(TrainBatches):
     def _gather(self, steps, q: queue.Queue, stop: threading.Event) -> None:
         pin = self.device.type == "cuda"
         where = file_rows(self.images)
-        row = int(np.prod(self.images.shape[1:]))
         since, fd = 0, None
         try:  # every failure, opening the file included, reaches the training loop through the queue
             fd = os.open(where[0], os.O_RDONLY) if where else None
@@ -255,11 +255,9 @@ class StreamBatches(TrainBatches):
                     return
                 out = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
                 if fd is not None:  # positional reads: the page cache serves them, nothing is mapped
-                    flat = out.numpy().reshape(len(idx), row)
-                    for k, i in enumerate(idx.tolist()):
-                        if os.preadv(fd, [flat[k]], where[1] + i * row) != row:
-                            raise InputError(f"decode cache {where[0]}: shorter than its header says; delete "
-                                             "it to rebuild")
+                    if not pread_rows(fd, out.numpy(), where[1], idx.tolist()):
+                        raise InputError(f"decode cache {where[0]}: shorter than its header says; delete "
+                                         "it to rebuild")
                 else:
                     np.take(self.images, idx, axis=0, out=out.numpy(), mode="clip")
                     since += out.numel()

@@ -157,7 +157,6 @@ def default_augment(kind: str, images: np.ndarray) -> str:
     return "crop-flip" if images.shape[3] == 3 and images.shape[1] >= 24 else "none"
 
 
-ZOO_PREFIXES = ("tv", "timm")  # archs from torchvision and timm (kdfine.models' prefixes)
 RRC_MIN_SIZE = 96  # below this, random-resized crops of photos lose too much; the built-in defaults stay
 
 
@@ -165,8 +164,9 @@ def arch_augment(arch: str, image_size: int, dataset_default: str) -> str:
     """The default training augmentation for ``arch``: rrc-flip for torchvision and timm archs
     (``tv:NAME``, ``timm:NAME``) at ``image_size`` >= 96 px, the dataset's default otherwise.
     Applies only when ``--augment`` was not given."""
-    prefix, sep, _ = arch.strip().partition(":")
-    if sep and prefix.lower() in ZOO_PREFIXES and image_size >= RRC_MIN_SIZE:
+    from kdfine.models.zoo import is_zoo  # imports torch: only training, which has it, asks
+
+    if is_zoo(arch) and image_size >= RRC_MIN_SIZE:
         return "rrc-flip"
     return dataset_default
 

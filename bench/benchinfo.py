@@ -14,14 +14,10 @@ from typing import Any, Sequence
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name, by kdfine's own rule (the precision probe records the same)."""
+    from kdfine.runtime.precision import cpu_name
+
+    return cpu_name()
 
 
 def usable_cpus() -> int:

@@ -118,13 +118,14 @@ def make_big_tree(data: Path, dest: Path, count: int) -> list[Path]:
 
 def part_b(data: Path, work: Path, count: int) -> dict:
     from kdfine.data import cache
+    from kdfine.data.decode import DecodeSpec
 
     files = make_big_tree(data, work / "big-jpegs", count)
     rec = {"part": "b", "images": len(files), "size": 64}
     for draft in (False, True, False, True):  # alternately; the faster of the two runs counts
         sink = cache.ArraySink((64, 64, 3), len(files))
         t0 = time.perf_counter()
-        done = cache.decode_into(sink, files, cache.DecodeSpec(64, 3, "crop", draft=draft), quiet=True)
+        done = cache.decode_into(sink, files, DecodeSpec(64, 3, "crop", draft=draft), quiet=True)
         rate = len(done.kept) / (time.perf_counter() - t0)
         key = "draft_img_s" if draft else "full_decode_img_s"
         rec[key] = max(rec.get(key, 0.0), rate)

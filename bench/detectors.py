@@ -122,7 +122,7 @@ def cleanlab_detect(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from kdfine import features
+    from kdfine.detect import dump as features
 
     d = features.read_dump(path, mmap=False)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
@@ -135,7 +135,9 @@ def run_detector(method: str, path: Path) -> tuple[dict[str, Any], float]:
     """Quality against the truth sidecar and wall seconds of one detector on one dump."""
     import warnings
 
-    from kdfine import detection, features, metrics
+    from kdfine.detect import command
+    from kdfine import metrics
+    from kdfine.detect import dump as features
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -143,7 +145,7 @@ def run_detector(method: str, path: Path) -> tuple[dict[str, Any], float]:
         if method == "cleanlab":
             keep, score, info = cleanlab_detect(path)
         else:
-            det, report, _, _ = detection.detect_noise(str(path), method=method)
+            det, report, _, _ = command.detect_noise(str(path), method=method)
             keep, score, info = det.keep, det.scores, report.get(method, {})
     seconds = time.perf_counter() - t0
     d = features.read_dump(path)

@@ -162,9 +162,12 @@ def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Pat
     """What ``eval --split train --dump-features`` writes, for the ``--keep`` rows only (the samples
     the model was trained on), through the library: the CLI's eval always covers the whole split.
     ``<dest>.index.npy`` maps the dump's rows back to dataset indices."""
-    from kdfine import api, checkpoint, distributed, features
+    from kdfine import api, features
+    from kdfine.detect import dump as dumps
+    from kdfine.models import checkpoint
+    from kdfine.runtime import distributed
     from kdfine.data.prepare import prepare
-    from kdfine.device import use_channels_last
+    from kdfine.runtime.device import use_channels_last
 
     ctx = distributed.setup(device)
     ck = checkpoint.load(model, "cpu", "--model")
@@ -176,7 +179,7 @@ def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Pat
             "num_classes": train.num_classes, "classes": train.classes, "n": int(keep.size), "dim": int(f.shape[1]),
             "keep": str(s.keep)}
     np.save(str(dest)[:-4] + ".index.npy", keep)
-    features.write_dump(dest, f, z, train.labels[keep], info, prep.truth[keep])
+    dumps.write_dump(dest, f, z, train.labels[keep], info, prep.truth[keep])
 
 
 # ----------------------------------------------------------------------------------- running
@@ -275,7 +278,7 @@ def run_cell(run: Runner, s: Setup, noise: str, device: str, scale: str) -> dict
 
 
 def result_row(run: Runner, s: Setup, noise: str, d: Path, scale: str) -> dict[str, Any]:
-    from kdfine.checkpoint import read_meta
+    from kdfine.models.checkpoint import read_meta
 
     def acc(name: str, key: str = "test_top1") -> float | None:
         """Test top-1 (%) of the written weights (the best-validation epoch's under --keep-best val);

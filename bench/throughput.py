@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Training and feature-extraction throughput of kdfine against a conventional pipeline.
 
-kdfine ("A") is measured as users run it: ``kdfine.engine.fit`` (what ``train-teacher`` and
-``distill`` call) on CIFAR-10 decoded once into memory (``--data imagefolder:DIR``), with its
-defaults for the device (CPU: fp32, channels_last, distillation teachers in bf16 where the CPU has
-native bf16; CUDA: bf16 autocast, channels_last) and
-``features.extract`` for ``eval --dump-features``. The conventional pipeline ("B") is the one of
+kdfine ("A") is measured as users run it: ``kdfine.train.loop.fit`` (what ``train-teacher`` and
+``distill`` call) on CIFAR-10 decoded once into memory (``--data imagefolder:DIR``), in each
+precision of ``--precisions`` (CPU default: fp32 and bf16, and the table marks the one that
+``--precision auto`` picks on this machine; CUDA default: auto, i.e. bf16), channels_last, and
+``features.extract`` for ``eval --dump-features`` (its default: fp32 on CPUs). The conventional pipeline ("B") is the one of
 the papers' code and torchdistill, implemented here: ``torchvision.datasets.ImageFolder`` over the
 JPEG tree, ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``, a
 ``DataLoader`` with 2 worker processes (persistent, so worker start-up is not charged to it), fp32
@@ -15,17 +15,20 @@ loss (CE for teachers, MSE on logits for distillation), the same normalisation s
 
 Measurement: after ``--warmup`` rounds, ``--rounds`` rounds of A then B, each ``--steps`` batches
 (A: one epoch of ``fit`` over a fixed random subset; B: the same number of batches); the ratio of
-each round, and its median, is reported. The benchmark also measures the device's GEMM rate
-(``torch.mm``, fp32; bf16 too on CUDA) and each model's training FLOPs per image
-(``torch.utils.flop_counter``: forward + backward, plus the teacher's forward when distilling), and
-reports every pipeline's share of that ceiling (images/s x FLOP/image / GEMM rate).
+each round, and its median, is reported, per model and precision. The benchmark also measures the
+device's GEMM rate in fp32 and bf16 (``torch.mm`` of 2048 x 2048 on CPUs, with torch's threads;
+smaller where bf16 is emulated and a 2048 product would take minutes) and each model's training
+FLOPs per image (``torch.utils.flop_counter``: forward + backward, plus the teacher's forward when
+distilling), and reports every pipeline's share of the ceiling of the precision it ran in
+(images/s x FLOP/image / GEMM rate).
 
-``--accuracy`` instead trains both pipelines for ``--acc-epochs`` epochs on a ``--acc-train``
-subset for each of ``--acc-seeds`` and compares test accuracy (the same training math should give
-the same accuracy within the seed-to-seed spread).
+``--accuracy`` instead trains kdfine in each precision and the conventional pipeline for
+``--acc-epochs`` epochs on a ``--acc-train`` subset for each of ``--acc-seeds`` and compares test
+accuracies: bf16 against fp32, and kdfine against the conventional pipeline (the same training
+math should give the same accuracy within the seed-to-seed spread).
 
     python bench/throughput.py                          # CPU: wrn-16-1, wrn-16-2, distill, features
-    python bench/throughput.py --models wrn-16-1 --rounds 3
+    python bench/throughput.py --models wrn-16-1 --rounds 3 --precisions auto
     python bench/throughput.py --device cuda --steps 60  # bench/gpu_check.sh runs this
     python bench/throughput.py --accuracy --acc-seeds 0,1,2
 
@@ -41,7 +44,7 @@ import copy
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,15 +57,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import benchinfo  # noqa: E402
-from kdfine import device as kdevice  # noqa: E402
+from kdfine.runtime import device as kdevice  # noqa: E402
 from kdfine import features as kfeatures  # noqa: E402
 from kdfine.data.sources import ArrayDataset, cache_dir, load_source  # noqa: E402
-from kdfine.engine import Reporter, TeacherEnsemble, fit  # noqa: E402
-from kdfine.optim import param_groups  # noqa: E402
-from kdfine.options import TrainConfig, parse_schedule  # noqa: E402
+from kdfine.runtime import precision as kprecision  # noqa: E402
+from kdfine.train.loop import Job, RunFiles, fit, resolve  # noqa: E402
+from kdfine.train.progress import Reporter  # noqa: E402
+from kdfine.train.run import TeacherEnsemble  # noqa: E402
+from kdfine.train.optim import param_groups  # noqa: E402
+from kdfine.options import TrainConfig  # noqa: E402
+from kdfine.train.schedule import parse_schedule  # noqa: E402
 from kdfine.models import build  # noqa: E402
 
 TARGETS = {"wrn-16-1": 1.8, "wrn-16-2": 1.3, "wrn-16-2->wrn-16-1": 1.6}
+AMX_TARGETS = {**TARGETS, "wrn-16-1": 2.5}  # issue 31: the default on a CPU with AMX (bf16 there)
 CUDA_TARGETS = {"wrn-16-2": 3.0}
 ARCHIVE_CANDIDATES = (ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
                       ROOT / "shared" / "data" / "cifar10-jpeg.tar.gz",
@@ -133,25 +141,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Peak rate of square ``torch.mm`` on ``device`` (GFLOP/s): the fastest of three bursts of
-    calls a moment apart, so that a brief stall of a shared machine does not lower the ceiling."""
-    n = 2048 if device.type == "cpu" else 8192
+LIMIT_S = 5.0  # the longest one product of the GEMM ceiling may take
+
+
+def timed_mm(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def gemm_size(device: torch.device, dtype: torch.dtype, n: int, limit_s: float = LIMIT_S) -> int:
+    """``n``, or the largest power of two below it whose product takes under ``limit_s``, judged from
+    the best of three products of 256 x 256 (emulated bf16 on a CPU runs 2048 x 2048 in minutes)."""
+    a = torch.randn(256, 256, device=device, dtype=dtype)
+    timed_mm(a, a, device)
+    t = min(timed_mm(a, a, device) for _ in range(3))
+    while n > 256 and t * (n / 256) ** 3 > limit_s:
+        n //= 2
+    return n
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """(peak rate of square ``torch.mm`` on ``device`` in GFLOP/s, the side n it was measured at):
+    the fastest of three bursts of calls a moment apart, so that a brief stall of a shared machine
+    does not lower the ceiling; n = 2048 on CPUs and 8192 on GPUs, smaller where one product would
+    take over LIMIT_S seconds (:func:`gemm_size`), and then a single burst of two calls."""
+    n = gemm_size(device, dtype, 2048 if device.type == "cpu" else 8192)
+    full = n == (2048 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
+    for _ in range(2 if full else 1):
         torch.mm(a, b)
     sync(device)
     best = float("inf")
-    for burst in range(3):
+    for burst in range(3 if full else 1):
         if burst:
             time.sleep(0.5)
-        for _ in range(5 if device.type == "cpu" else 10):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+        for _ in range((5 if device.type == "cpu" else 10) if full else 2):
+            best = min(best, timed_mm(a, b, device))
+    return 2 * n ** 3 / best / 1e9, n
 
 
 def train_flops_per_image(arch: str, teacher_arch: str | None, device: torch.device, batch: int = 32) -> float:
@@ -224,7 +253,7 @@ class Conventional:
 
 
 class Alternator(Reporter):
-    """A quiet :class:`kdfine.engine.Reporter` that times each epoch of ``fit`` and then runs the
+    """A quiet :class:`kdfine.train.progress.Reporter` that times each epoch of ``fit`` and then runs the
     conventional pipeline for the same number of batches: A B A B ... inside one ``fit`` call, so
     that kdfine's state (compiled graphs, optimizer, data on the device) carries over as in a real
     run."""
@@ -252,7 +281,8 @@ def gpu_peak_mb(device: torch.device) -> float | None:
 
 
 def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar, args, device: torch.device,
-                   ceiling: dict[str, float]) -> dict[str, Any]:
+                   ceiling: dict[str, float], precision: str) -> dict[str, Any]:
+    """Alternating rounds of kdfine (``--precision precision``) and the conventional pipeline."""
     rng = np.random.default_rng(args.seed)
     subset = np.sort(rng.choice(len(cifar.train), args.steps * args.batch_size, replace=False))
     flops = train_flops_per_image(arch, teacher_arch, device)
@@ -267,7 +297,8 @@ def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar,
         teacher_a = TeacherEnsemble([t], [stats], stats, device)
     cfg = TrainConfig(epochs=args.warmup + args.rounds, batch_size=args.batch_size, lr=0.1, schedule="constant",
                       seed=args.seed, loss="mse" if teacher_arch else "ce", compile=args.compile,
-                      precision=args.precision, channels_last=args.channels_last)
+                      precision=precision, channels_last=args.channels_last)
+    prec, t_prec = resolve(precision, device)
     rounds: list[dict[str, Any]] = []
 
     def after_epoch(epoch: int, seconds: float, rec: dict) -> None:
@@ -276,7 +307,8 @@ def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar,
         b_seconds, b_images = conv.epoch()
         b_rate = b_images / b_seconds
         b_mem = gpu_peak_mb(device)
-        r = {"bench": "throughput", "kind": "train", "name": name, "device": str(device), "round": epoch - args.warmup,
+        r = {"bench": "throughput", "kind": "train", "name": name, "precision": prec, "device": str(device),
+             "round": epoch - args.warmup,
              "warmup": epoch < args.warmup, "kdfine_img_s": round(a_rate, 1), "kdfine_engine_img_s": round(rec["img_per_s"], 1),
              "conventional_img_s": round(b_rate, 1), "ratio": round(a_rate / b_rate, 3),
              "kdfine_gpu_mb": a_mem, "conventional_gpu_mb": b_mem, "load": benchinfo.load_average()}
@@ -286,10 +318,9 @@ def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar,
 
     torch.manual_seed(args.seed)
     model = build(arch, 10)
-    fit(model, cifar.train, cfg, device=device, teacher=teacher_a, selection=subset, reporter=Alternator(after_epoch))
+    fit(Job(model, cifar.train, device, teacher=teacher_a, selection=subset), cfg, RunFiles(reporter=Alternator(after_epoch)))
     a = statistics.median(r["kdfine_img_s"] for r in rounds)
     b = statistics.median(r["conventional_img_s"] for r in rounds)
-    prec = kdevice.resolve_precision(args.precision, device)
     summary = {"bench": "throughput", "kind": "train-summary", "name": name, "device": str(device),
                "rounds": len(rounds), "steps": args.steps, "batch_size": args.batch_size,
                "kdfine_img_s": round(a, 1), "conventional_img_s": round(b, 1),
@@ -298,11 +329,20 @@ def bench_training(name: str, arch: str, teacher_arch: str | None, cifar: Cifar,
                "mflop_per_image": round(flops / 1e6, 1),
                "kdfine_ceiling_share": round(a * flops / (ceiling[prec] * 1e9), 3),
                "conventional_ceiling_share": round(b * flops / (ceiling["fp32"] * 1e9), 3),
-               "kdfine_precision": prec, "kdfine_precision_option": args.precision, "kdfine_gpu_mb": max((r["kdfine_gpu_mb"] or 0) for r in rounds) or None,
+               "kdfine_precision": prec, "kdfine_precision_option": precision,
+               "teacher_precision": t_prec if teacher_arch else None, "is_default": prec == resolve("auto", device)[0],
+               "kdfine_gpu_mb": max((r["kdfine_gpu_mb"] or 0) for r in rounds) or None,
                "conventional_gpu_mb": max((r["conventional_gpu_mb"] or 0) for r in rounds) or None,
-               "target_ratio": (CUDA_TARGETS if device.type == "cuda" else TARGETS).get(name)}
+               "target_ratio": targets(device).get(name)}
     benchinfo.emit(summary)
     return summary
+
+
+def targets(device: torch.device) -> dict[str, float]:
+    """The ratios the default (``--precision auto``) should reach on this device."""
+    if device.type == "cuda":
+        return CUDA_TARGETS
+    return AMX_TARGETS if kprecision.native_bf16(kprecision.cpu_flags()) == "AMX" else TARGETS
 
 
 def bench_features(arch: str, cifar: Cifar, args, device: torch.device) -> dict[str, Any]:
@@ -321,7 +361,7 @@ def bench_features(arch: str, cifar: Cifar, args, device: torch.device) -> dict[
     def run_a() -> float:
         t0 = time.perf_counter()
         f, _ = kfeatures.extract(model, images, cifar.train.mean, cifar.train.std, device=device, batch_size=512,
-                                 precision=args.precision, channels_last=cl)
+                                 precision="auto", channels_last=cl)  # eval --dump-features' default
         assert f.shape[0] == n
         return n / (time.perf_counter() - t0)
 
@@ -358,9 +398,17 @@ def bench_features(arch: str, cifar: Cifar, args, device: torch.device) -> dict[
 # ------------------------------------------------------------------------------------------ accuracy
 
 
+def test_index(cifar: Cifar, args) -> np.ndarray:
+    """The test images the accuracy mode scores: all, or a fixed random ``--acc-test`` of them."""
+    n = len(cifar.test)
+    if not args.acc_test or args.acc_test >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(4321).choice(n, args.acc_test, replace=False))
+
+
 def conventional_accuracy(model: torch.nn.Module, cifar: Cifar, args, device: torch.device) -> float:
     loader = conventional_loader(cifar.root, "test", cifar.train.mean, cifar.train.std, train=False, batch=512,
-                                 workers=args.workers, indices=np.arange(len(cifar.test)), seed=0, device=device,
+                                 workers=args.workers, indices=test_index(cifar, args), seed=0, device=device,
                                  shuffle=False)
     model.eval()
     correct = total = 0
@@ -372,90 +420,160 @@ def conventional_accuracy(model: torch.nn.Module, cifar: Cifar, args, device: to
 
 
 def bench_accuracy(cifar: Cifar, args, device: torch.device) -> list[dict[str, Any]]:
-    """Test accuracy of both pipelines after the same epochs on the same subset, per seed."""
-    arch = args.acc_arch
+    """Test accuracy of kdfine in each of ``--precisions`` and of the conventional pipeline after the
+    same epochs on the same subset, per seed."""
     sub = np.sort(np.random.default_rng(1234).choice(len(cifar.train), args.acc_train, replace=False))
     results = []
     for seed in [int(s) for s in args.acc_seeds.split(",")]:
-        cfg = TrainConfig(epochs=args.acc_epochs, batch_size=args.batch_size, lr=0.1, schedule=args.acc_schedule,
-                          seed=seed, eval_every=args.acc_epochs, precision=args.precision,
-                          channels_last=args.channels_last, compile=args.compile)
-        torch.manual_seed(seed)
-        model = build(arch, 10)
-        t0 = time.perf_counter()
-        res = fit(model, cifar.train, cfg, device=device, test=cifar.test, selection=sub, reporter=Reporter(quiet=True))
-        a = {"pipeline": "kdfine", "top1": res.test["top1"], "seconds": time.perf_counter() - t0}
-
-        conv = Conventional(arch, None, cifar, sub, device=device, batch=args.batch_size, workers=args.workers, seed=seed)
-        lr_at = parse_schedule(args.acc_schedule, args.acc_epochs)
-        steps = len(sub) // args.batch_size
-        t0 = time.perf_counter()
-        for epoch in range(args.acc_epochs):
-            conv.epoch(lambda step, e=epoch: 0.1 * lr_at(e + step / steps))
-        b = {"pipeline": "conventional", "top1": conventional_accuracy(conv.model, cifar, args, device),
-             "seconds": time.perf_counter() - t0}
-        for r in (a, b):
-            rec = {"bench": "throughput", "kind": "accuracy", "arch": arch, "seed": seed, "epochs": args.acc_epochs,
-                   "train_images": len(sub), "device": str(device), **r, "load": benchinfo.load_average()}
-            rec["top1"] = round(rec["top1"], 4)
-            rec["seconds"] = round(rec["seconds"], 1)
+        runs = [(f"kdfine {p}", lambda p=p: kdfine_accuracy(cifar, sub, args, device, seed, p)) for p in args.precisions]
+        if args.acc_conventional:
+            runs.append(("conventional fp32", lambda: conventional_run(cifar, sub, args, device, seed)))
+        for pipeline, run in runs:
+            t0 = time.perf_counter()
+            top1 = run()
+            rec = {"bench": "throughput", "kind": "accuracy", "arch": args.acc_arch, "seed": seed,
+                   "epochs": args.acc_epochs, "train_images": len(sub), "test_images": len(test_index(cifar, args)),
+                   "device": str(device), "pipeline": pipeline,
+                   "top1": round(top1, 4), "seconds": round(time.perf_counter() - t0, 1),
+                   "load": benchinfo.load_average()}
             benchinfo.emit(rec)
             results.append(rec)
     return results
 
 
+def kdfine_accuracy(cifar: Cifar, sub: np.ndarray, args, device: torch.device, seed: int, precision: str) -> float:
+    cfg = TrainConfig(epochs=args.acc_epochs, batch_size=args.batch_size, lr=0.1, schedule=args.acc_schedule,
+                      seed=seed, eval_every=args.acc_epochs, precision=precision,
+                      channels_last=args.channels_last, compile=args.compile)
+    torch.manual_seed(seed)
+    model = build(args.acc_arch, 10)
+    idx = test_index(cifar, args)
+    test = replace(cifar.test, images=cifar.test.images[idx], labels=cifar.test.labels[idx], files=None)
+    res = fit(Job(model, cifar.train, device, test=test, selection=sub), cfg, RunFiles(reporter=Reporter(quiet=True)))
+    return res.test["top1"]
+
+
+def conventional_run(cifar: Cifar, sub: np.ndarray, args, device: torch.device, seed: int) -> float:
+    conv = Conventional(args.acc_arch, None, cifar, sub, device=device, batch=args.batch_size, workers=args.workers,
+                        seed=seed)
+    lr_at = parse_schedule(args.acc_schedule, args.acc_epochs)
+    steps = len(sub) // args.batch_size
+    for epoch in range(args.acc_epochs):
+        conv.epoch(lambda step, e=epoch: 0.1 * lr_at(e + step / steps))
+    return conventional_accuracy(conv.model, cifar, args, device)
+
+
 def accuracy_table(results: list[dict[str, Any]]) -> str:
-    by = {p: [r["top1"] for r in results if r["pipeline"] == p] for p in ("kdfine", "conventional")}
+    pipelines = list(dict.fromkeys(r["pipeline"] for r in results))
+    by = {p: [r["top1"] for r in results if r["pipeline"] == p] for p in pipelines}
     rows, spread = [], 0.0
     for p, accs in by.items():
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         spread = max(spread, max(accs) - min(accs))
-        rows.append([p, ", ".join(f"{100 * a:.2f}" for a in accs), f"{100 * statistics.mean(accs):.2f}", f"{100 * sd:.2f}"])
-    diff = statistics.mean(by["kdfine"]) - statistics.mean(by["conventional"])
+        secs = statistics.mean(r["seconds"] for r in results if r["pipeline"] == p)
+        rows.append([p, ", ".join(f"{100 * a:.2f}" for a in accs), f"{100 * statistics.mean(accs):.2f}",
+                     f"{100 * sd:.2f}", f"{secs:,.0f}"])
     r0 = results[0]
-    verdict = "within" if abs(diff) <= spread else "OUTSIDE"
-    return (f"Test accuracy (%) of {r0['arch']} after {r0['epochs']} epochs on {r0['train_images']} CIFAR-10 "
-            f"training images, full test set, one run per seed:\n\n"
-            + benchinfo.markdown_table(["pipeline", "per seed", "mean", "std"], rows)
-            + f"\n\nDifference of the means {100 * diff:+.2f} points, {verdict} the seed-to-seed spread "
-              f"(largest max-min across seeds {100 * spread:.2f} points).")
+    tested = "full test set" if r0["test_images"] == 10000 else f"{r0['test_images']} test images"
+    out = (f"Test accuracy (%) of {r0['arch']} after {r0['epochs']} epochs on {r0['train_images']} CIFAR-10 "
+           f"training images, {tested}, one run per seed:\n\n"
+           + benchinfo.markdown_table(["pipeline", "per seed", "mean", "std", "s per run"], rows))
+    pairs = [("kdfine bf16", "kdfine fp32"), ("kdfine fp32", "conventional fp32")]
+    for a, b in [(a, b) for a, b in pairs if a in by and b in by]:
+        diff = statistics.mean(by[a]) - statistics.mean(by[b])
+        verdict = "within" if abs(diff) <= spread else "OUTSIDE"
+        out += (f"\n\n{a} - {b}: {100 * diff:+.2f} points, {verdict} the seed-to-seed spread (largest max-min "
+                f"across seeds {100 * spread:.2f} points).")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
-def throughput_tables(train: list[dict], feats: list[dict], ceiling: dict[str, float], device: torch.device) -> str:
+def throughput_tables(train: list[dict], feats: list[dict], gemm: dict[str, tuple[float, int]], device: torch.device,
+                      cpu: str, auto: dict[str, str]) -> str:
+    """The training table (one row per model and precision; the first header cell names the CPU),
+    the feature-extraction table and the GEMM ceilings."""
     cuda = device.type == "cuda"
     rows = []
     for s in train:
-        target = s["target_ratio"]
+        target = s["target_ratio"] if s["is_default"] else None
         met = "" if target is None else (f">= {target}x: {'met' if s['median_ratio'] >= target else 'NOT met'}")
-        row = [s["name"], f"{s['kdfine_img_s']:,.0f}", f"{s['conventional_img_s']:,.0f}",
+        prec = s["kdfine_precision"] + (" (auto)" if s["is_default"] else "")
+        if s["teacher_precision"]:
+            prec += f", teacher {s['teacher_precision']}"
+        row = [s["name"], prec, f"{s['kdfine_img_s']:,.0f}", f"{s['conventional_img_s']:,.0f}",
                f"{s['median_ratio']:.2f}x ({s['min_ratio']:.2f}-{s['max_ratio']:.2f})", met,
                f"{s['mflop_per_image']:.0f}", f"{100 * s['kdfine_ceiling_share']:.0f}%",
                f"{100 * s['conventional_ceiling_share']:.0f}%"]
         if cuda:
             row += [f"{s['kdfine_gpu_mb']:,.0f}", f"{s['conventional_gpu_mb']:,.0f}"]
         rows.append(row)
-    header = ["training", "kdfine img/s", "conventional img/s", "ratio, median (range)", "target",
-              "MFLOP/img", "kdfine % of GEMM peak", "conventional % of GEMM peak"]
+    header = [f"training on {cpu if not cuda else device}", "kdfine precision", "kdfine img/s", "conventional img/s",
+              "ratio, median (range)", "target", "MFLOP/img", "kdfine % of its precision's GEMM peak",
+              "conventional % of fp32 GEMM peak"]
     if cuda:
         header += ["kdfine GPU MB", "conventional GPU MB"]
     out = benchinfo.markdown_table(header, rows)
     if feats:
         out += "\n\n" + benchinfo.markdown_table(
-            ["eval --dump-features", "kdfine img/s", "conventional img/s", "ratio, median"],
+            [f"eval --dump-features ({kdevice.resolve_precision('auto', device)})", "kdfine img/s", "conventional img/s", "ratio, median"],
             [[f["name"], f"{f['kdfine_img_s']:,.0f}", f"{f['conventional_img_s']:,.0f}", f"{f['median_ratio']:.2f}x"]
              for f in feats])
-    rates = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items())
-    t_prec = kdevice.teacher_precision(train[0]["kdfine_precision_option"], device) if train else "?"
-    out += (f"\n\nGEMM peak (torch.mm, measured): {rates}. kdfine precision: {train[0]['kdfine_precision'] if train else '?'}"
-            f" (distillation teachers: {t_prec})"
-            f"; the conventional pipeline runs fp32 NCHW.")
+    rates = ", ".join(f"{k} {v:,.1f} GFLOP/s" + ("" if n in (2048, 8192) else f" (at {n} x {n}: one full-size "
+                                                                               f"product would take over {LIMIT_S:g} s)")
+                      for k, (v, n) in gemm.items())
+    out += (f"\n\nGEMM peak (torch.mm of {2048 if not cuda else 8192} x {2048 if not cuda else 8192}, "
+            f"{torch.get_num_threads()} threads, measured): {rates}. `--precision auto` here: {auto['precision']} "
+            f"({auto['reason']}); the conventional pipeline runs fp32 NCHW.")
     return out
 
 
 def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device")
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    args.precisions = [p.strip() for p in (args.precisions or ("auto" if device.type == "cuda" else "fp32,bf16"))
+                       .split(",") if p.strip()]
+    print(f"# {benchinfo.command_line()}", flush=True)
+    info = benchinfo.machine()
+    info.update(torch_threads=torch.get_num_threads(), device=str(device))
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1))
+    choice = kdevice.training_precision("auto", device)
+    auto = {"precision": choice.precision, "reason": choice.reason,
+            "native_bf16": kprecision.native_bf16(kprecision.cpu_flags()) if device.type == "cpu" else None}
+    benchinfo.emit({"bench": "throughput", "machine": info, "auto": auto, "date": benchinfo.now(),
+                    "load": benchinfo.load_average()})
+    cifar = load_cifar(cifar_tree(args.data, args.archive))
+
+    if args.accuracy:
+        results = bench_accuracy(cifar, args, device)
+        print(f"\n### Same accuracy\n\n{accuracy_table(results)}\n\n`--precision auto` here: {auto['precision']} "
+              f"({auto['reason']}).\n{machine_line(info)}\nCommand: `{benchinfo.command_line()}`", flush=True)
+        return
+
+    gemm = {name: gemm_gflops(device, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    benchinfo.emit({"bench": "throughput", "kind": "gemm", "device": str(device), "threads": torch.get_num_threads(),
+                    **{f"{k}_gflops": round(v, 2) for k, (v, _) in gemm.items()},
+                    **{f"{k}_n": n for k, (_, n) in gemm.items()}})
+    ceiling = {k: v for k, (v, _) in gemm.items()}
+    train = []
+    for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
+        teacher, _, student = spec.rpartition("->")
+        for prec in args.precisions:
+            train.append(bench_training(spec, student, teacher or None, cifar, args, device, ceiling, prec))
+    feats = [bench_features(args.features, cifar, args, device)] if args.features else []
+    print(f"\n### Throughput ({device.type})\n\n{throughput_tables(train, feats, gemm, device, info['cpu'], auto)}"
+          f"\n\n{machine_line(info)}\nCommand: `{benchinfo.command_line()}`", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] [default: cpu]")
@@ -468,7 +586,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="batches per round and pipeline [default: 12]")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional pipeline")
-    ap.add_argument("--precision", default="auto", help="kdfine's --precision [default: auto]")
+    ap.add_argument("--precisions", help="kdfine's --precision values to measure, comma-separated "
+                    "[default: fp32,bf16 on CPUs, auto on CUDA]")
     ap.add_argument("--channels-last", default="auto", help="kdfine's --channels-last [default: auto]")
     ap.add_argument("--compile", action="store_true", help="kdfine's --compile")
     ap.add_argument("--seed", type=int, default=0)
@@ -478,49 +597,20 @@ def main() -> None:
     ap.add_argument("--acc-arch", default="wrn-16-1")
     ap.add_argument("--acc-epochs", type=int, default=3)
     ap.add_argument("--acc-train", type=int, default=10000, help="training images (a fixed random subset)")
+    ap.add_argument("--acc-test", type=int, default=0, help="test images scored (a fixed random subset) [default: all]")
     ap.add_argument("--acc-seeds", default="0,1,2")
     ap.add_argument("--acc-schedule", default="cosine")
-    args = ap.parse_args()
-
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device")
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    print(f"# {benchinfo.command_line()}", flush=True)
-    info = benchinfo.machine()
-    info.update(torch_threads=torch.get_num_threads(), device=str(device))
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1))
-    benchinfo.emit({"bench": "throughput", "machine": info, "date": benchinfo.now(), "load": benchinfo.load_average()})
-    cifar = load_cifar(cifar_tree(args.data, args.archive))
-
-    if args.accuracy:
-        results = bench_accuracy(cifar, args, device)
-        print(f"\n### Same accuracy\n\n{accuracy_table(results)}\n\n{machine_line(info)}\n"
-              f"Command: `{benchinfo.command_line()}`", flush=True)
-        return
-
-    ceiling = {"fp32": gemm_gflops(device)}
-    if kdevice.resolve_precision(args.precision, device) == "bf16":
-        ceiling["bf16"] = gemm_gflops(device, torch.bfloat16)
-    benchinfo.emit({"bench": "throughput", "kind": "gemm", "device": str(device),
-                    **{f"{k}_gflops": round(v, 1) for k, v in ceiling.items()}})
-    train = []
-    for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
-        teacher, _, student = spec.rpartition("->")
-        train.append(bench_training(spec, student, teacher or None, cifar, args, device, ceiling))
-    feats = [bench_features(args.features, cifar, args, device)] if args.features else []
-    print(f"\n### Throughput ({device.type})\n\n{throughput_tables(train, feats, ceiling, device)}\n\n"
-          f"{machine_line(info)}\nCommand: `{benchinfo.command_line()}`", flush=True)
+    ap.add_argument("--acc-conventional", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the conventional pipeline in --accuracy [default: on]")
+    return ap.parse_args()
 
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", {info['gpu']} ({info['gpu_memory_gb']} GB)" if "gpu" in info else ""
+    load = benchinfo.load_average()
     return (f"Machine: {info['cpu']}, {info['cores']} cores{gpu}; torch {info.get('torch', '?')} with "
-            f"{info['torch_threads']} threads; {benchinfo.now()}.")
+            f"{info['torch_threads']} threads; {benchinfo.now()}; load average (1, 5, 15 min) at the end "
+            f"{', '.join(map(str, load)) if load else 'unknown'}.")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ kdfine plot-log "$RUNS/teacher.jsonl" "$RUNS/student-mse.jsonl" "$RUNS/student-k
 kdfine train-teacher --label-noise sym:0.4 --epochs 8 --out "$RUNS/noisy.safetensors" -q
 kdfine eval --model "$RUNS/noisy.safetensors" --plot docs/eval.png
 kdfine eval --model "$RUNS/noisy.safetensors" --split train --dump-features "$RUNS/features.npy" -q
-kdfine detect-noise --features "$RUNS/features.npy" --out "$RUNS/clean_idx.csv" --plot docs/detect-noise.png
+kdfine detect-noise --features "$RUNS/features.npy" --out "$RUNS/clean_idx.csv" --plot docs/detect-noise.png \
+  --review "$RUNS/review.html"
+# the review page as headless Chromium shows it (docs/cleaning.md)
+"${PYTHON:-python3}" scripts/review_screenshot.py "$RUNS/review.html" docs/review.png
 
 kdfine info "$RUNS/student-mse.safetensors"

@@ -27,6 +27,18 @@ class UsageError(KdfineError):
     exit_code = EXIT_USAGE
 
 
+class ArgumentError(UsageError, TypeError):
+    """A Python API function called with an argument of the wrong type (a usage error, and a
+    TypeError as Python code expects)."""
+
+
+def os_error(e: OSError) -> InputError:
+    """The InputError (exit 3) for a file-system error that no reader turned into its own message:
+    ``cannot access FILE: REASON``, as the CLI and the API both report it."""
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    return InputError(f"cannot access{where}: {e.strerror or e}")
+
+
 class DeviceError(KdfineError):
     """The requested device is not available (exit 4)."""
 

@@ -2,7 +2,8 @@
 
 Needs the optional ``plot`` extra (matplotlib); :func:`require` fails with one clear line when
 it is missing, before any long work starts. Every function draws into a new figure with the
-non-interactive Agg backend, writes it atomically and closes it; nothing is shown on screen.
+non-interactive Agg backend, writes it to the path given (a temporary that the command's outputs
+commit with its other files) and closes it; nothing is shown on screen.
 
 - :func:`score_histograms`: FINE alignment scores per class, the clean/noisy split marked.
 - :func:`reliability_diagram`, :func:`confusion_matrix`: calibration and errors of a classifier.
@@ -39,7 +40,7 @@ def require(option: str = "--plot"):
 
 def check_image_path(path: str, option: str = "--plot") -> Path:
     """``path`` must end in .png, .pdf or .svg and be writable (checked before long work)."""
-    from kdfine.io import check_writable
+    from kdfine.files.outputs import check_writable
 
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -48,15 +49,16 @@ def check_image_path(path: str, option: str = "--plot") -> Path:
 
 
 def _save(fig, path: str | Path, option: str) -> str:
-    """Write ``fig`` atomically in the format named by the suffix, then close it."""
-    from kdfine.io import atomic_open
-
+    """Write ``fig`` to ``path`` (a temporary of the command's outputs) in the format named by the
+    suffix, then close it."""
     import matplotlib.pyplot as plt
 
     p = Path(path)
-    with atomic_open(p, "wb", option) as f:
-        fig.savefig(f, format=p.suffix.lower().lstrip("."), dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with open(p, "wb") as f:
+            fig.savefig(f, format=p.suffix.lower().lstrip("."), dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return str(p)
 
 

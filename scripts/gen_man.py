@@ -31,6 +31,7 @@ from typer.core import TyperArgument  # noqa: E402
 import kdfine  # noqa: E402
 from kdfine import errors  # noqa: E402
 from kdfine.cli import EXIT_BROKEN_PIPE, app  # noqa: E402
+from kdfine.options import declared_flag  # noqa: E402
 
 PROG = "kdfine"
 MANUAL = "kdfine manual"
@@ -48,9 +49,18 @@ EXIT_STATUS = [
 ]
 
 ENVIRONMENT = [
-    ("KDFINE_CACHE", "Cache of decoded image folders and default --data-root parent "
-                     "(default: ~/.cache/kdfine)."),
+    ("KDFINE_CACHE", "Cache of decoded image folders, of the CPU precision probe and default --data-root parent "
+                     "(default: ~/.cache/kdfine; without a home directory, a private kdfine-cache-UID "
+                     "in the temporary directory)."),
+    ("KDFINE_VERIFY_DATA", "Set to 1 to read and hash every image file of an image folder on every "
+                           "command (the full content check) instead of trusting the fingerprint "
+                           "remembered under the files' size, mtime, ctime and inode."),
+    ("KDFINE_BF16_PROBE", "Set to 0 to skip the timed bf16 probe on CPUs with native bf16: --precision auto "
+                          "then trains in fp32 on every CPU."),
     ("KDFINE_DEBUG", "Set to 1 to show tracebacks on errors, like --debug."),
+    ("KDFINE_MAX_PIXELS", "Largest image file decoded, in pixels as its header declares (a number, or with a "
+                          "K, M or G suffix: 200M; default 120M). Larger files, decompression bombs included, "
+                          "are skipped with a warning, by predict and in image folders alike."),
     ("WORLD_SIZE, RANK, LOCAL_RANK", "Set by torchrun; kdfine then trains with DistributedDataParallel "
                                      "across the ranks."),
 ]
@@ -134,6 +144,15 @@ def _default(param) -> str | None:
     return str(d)
 
 
+def _range(param, command: str) -> str | None:
+    """The declared range of a kdfine option (:mod:`kdfine.options`), else Typer's (CLI-only options)."""
+    meta = declared_flag(command, param.name)
+    if meta is not None:
+        return meta.range_text()
+    typer_range = param._get_number_range_help_str() if hasattr(param, "_get_number_range_help_str") else None
+    return _range_text(typer_range) if typer_range else None
+
+
 def options(cmd, ctx) -> list[Opt]:
     out = []
     params = list(cmd.params)
@@ -149,12 +168,17 @@ def options(cmd, ctx) -> list[Opt]:
             metavar = p.metavar or p.name.upper()
         names = sorted(p.opts, key=lambda s: (not s.startswith("--"), s)) if not is_arg else [metavar]
         out.append(Opt(names=names, negative=list(p.secondary_opts), metavar=metavar,
-                       help=" ".join((p.help or "").split()), default=_default(p) if not is_arg else None,
+                       help=_unescape(" ".join((p.help or "").split())), default=_default(p) if not is_arg else None,
                        required=bool(p.required), repeatable=repeatable,
-                       range=p._get_number_range_help_str() if hasattr(p, "_get_number_range_help_str") else None,
+                       range=None if is_arg else _range(p, cmd.name),
                        panel=getattr(p, "rich_help_panel", None) or ("Arguments" if is_arg else DEFAULT_PANEL),
                        argument=is_arg))
     return out
+
+
+def _unescape(text: str) -> str:
+    """Help text as people read it: ``\\[`` is rich markup's escape of a literal ``[`` (``kdfine[export]``)."""
+    return text.replace("\\[", "[")
 
 
 def split_doc(doc: str) -> tuple[str, list[str], list[str]]:
@@ -188,7 +212,7 @@ def _option_block(o: Opt) -> list[str]:
     if o.repeatable:
         notes.append("Repeatable.")
     if o.range:
-        notes.append(f"{_range_text(o.range)}.")
+        notes.append(f"{o.range}.")
     if o.default is not None:
         notes.append(f"Default: {o.default}.")
     return [".TP", head, line(" ".join([o.help] + notes).strip())]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,18 @@ def write_png_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6
     return root
 
 
+def bomb_png(path: Path, w: int = 20000, h: int = 20000) -> Path:
+    """A PNG whose header declares ``w`` x ``h`` grey pixels (400 million by default): a
+    decompression bomb as the decoder sees it, written in microseconds (the rows are missing)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def digits_slice(n_train: int, n_test: int = 100):
     """The first ``n_train`` training and ``n_test`` test images of digits (8x8 grey, 10 classes),
     for in-process training tests."""
@@ -117,7 +131,7 @@ def stop_after(n: int):
     """A quiet Reporter that raises KeyboardInterrupt at the epoch line of epoch ``n`` (before that
     epoch's state is saved), like a second Ctrl-C between two epochs: the state after epoch n-1
     is on disk."""
-    from kdfine.progress import Reporter
+    from kdfine.train.progress import Reporter
 
     class StopAfter(Reporter):
         def epoch_line(self, rec, epochs):

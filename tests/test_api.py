@@ -50,7 +50,7 @@ def test_info_finds_the_lineage(chain):
 
 
 def test_inherit_from_a_checkpoints_recorded_data(chain):
-    from kdfine import checkpoint
+    from kdfine.models import checkpoint
 
     _, t, _ = chain
     opts = inherit_from(DataOptions(), checkpoint.read_meta(t["path"]))

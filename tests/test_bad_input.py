@@ -24,7 +24,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import cli_env
+from conftest import bomb_png, cli_env
 
 SENTINEL = b"an existing output file that a failed command must leave alone\n"
 N, D, K = 120, 8, 3  # the synthetic feature dumps
@@ -40,6 +40,7 @@ class Case:
     message: str  # a fragment of the one stderr line
     out: str | None = None
     stdin: str | None = None
+    env: dict | None = None  # extra environment of the command
 
 
 def _dump(d: Path, name: str, feats: np.ndarray, labels: np.ndarray, k: int = K) -> Path:
@@ -195,7 +196,7 @@ def _sidecar(suffix: str, array: np.ndarray, *extra: str):
 
 def _foreign_sidecar(d, s):
     """A dump whose json records its set, with the labels of another dump put beside it."""
-    from kdfine.features import write_dump
+    from kdfine.detect.dump import write_dump
 
     f, y = _features()
     write_dump(d / "f.npy", f, np.zeros((N, K), np.float32), y, {"num_classes": K})
@@ -231,6 +232,251 @@ def _header_only(name: str, text: str):
         (d / name).write_text(text)
         return _detect(_good_dump(d, s), "out.csv", "--vectors-from", name)
     return make
+
+
+def _victim_link(name: str, *extra: str, hard: bool = False, content: str | None = None):
+    """train-teacher --out out.safetensors with ``name`` beside it planted: a symbolic (or hard)
+    link to a file the run must not touch, or a file of ``content``."""
+    def make(d, s):
+        (d / "victim.txt").write_bytes(SENTINEL)
+        if content is not None:
+            (d / name).write_text(content)
+        elif hard:
+            os.link(d / "victim.txt", d / name)
+        else:
+            (d / name).symlink_to("victim.txt")
+        return _train(s, "--epochs", "0", "-q", "--out", "out.safetensors", *extra)
+    return make
+
+
+def _npy_header_lies(d, s):
+    """A labels sidecar whose header declares 10**12 labels (8 TB) over a 32-byte body."""
+    p = _good_dump(d, s)
+    with open(d / "f.labels.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (10**12,)})
+        f.write(bytes(32))
+    return _detect(p)
+
+
+def _string_logits(d, s):
+    p = _good_dump(d, s)
+    np.save(d / "f.logits.npy", np.full((N, K), "1.5", dtype="<U4"))
+    return _detect(p, "out.csv", "--method", "small-loss")
+
+
+def _tampered_state(raw: str | None = None, **fields):
+    """train-teacher --resume with a state file of this user whose JSON (``raw``, or fields) is replaced."""
+    def make(d, s):
+        import torch
+
+        info = {"epoch": 1, "history": [{"epoch": 1}], "config": {}, "optimizers": [], **fields}
+        save_file({"rng.cpu": torch.get_rng_state()}, str(d / "out.safetensors.state.safetensors"),
+                  metadata={"kdfine_state": raw if raw is not None else json.dumps(info)})
+        return _train(s, "--resume", "-q", "--out", "out.safetensors")
+    return make
+
+
+def _huge_label(d, s):
+    """A dump whose json does not give num_classes, with one label of 10**15."""
+    f, y = _features()
+    p = _dump(d, "f", f, _set(y, 3, 10**15))
+    (d / "f.json").write_text("{}")
+    return _detect(p)
+
+
+def _export_dir_link(d, s):
+    (d / "empty").mkdir()
+    (d / "exp").symlink_to("empty")
+    return ["clean", "--model", s["teacher"], "--out", "c.csv", "--noisy-out", "n.csv", "--export-dir", "exp",
+            "--device", "cpu"]
+# ------------------------------------------------------------------ issue 27: export, predict, --init
+
+
+def _png(d: Path, name: str = "img.png", size: tuple[int, int] = (8, 8)) -> Path:
+    from PIL import Image
+
+    (d / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0]), 90, np.uint8)).save(d / name)
+    return d / name
+
+
+def _predict(model, *paths, out="out.csv"):
+    return ["predict", "--model", model, *paths, "--device", "cpu", "--out", out]
+
+
+def _link(kind: str, target: Path, name: str) -> Path:
+    """``name`` beside ``target``: a hard link or a symbolic link to it (the same file)."""
+    link = target.parent / name
+    (os.link if kind == "hard" else os.symlink)(target.name if kind == "sym" else target, link)
+    return link
+
+
+def _export_onto(kind: str | None):
+    def make(d, s):
+        t = _copy_teacher(d, s)
+        out = t if kind is None else _link(kind, t, "m.onnx")
+        return ["export", "--model", t, "--out", out.name]
+    return make
+
+
+def _predict_onto_model(kind: str | None):
+    def make(d, s):
+        t = _copy_teacher(d, s)
+        out = t if kind is None else _link(kind, t, "p.csv")
+        return _predict(t, _png(d), out=out.name)
+    return make
+
+
+def _predict_onto_image(kind: str | None):
+    def make(d, s):
+        img = _png(d, "imgs/a.png")
+        _png(d, "imgs/b.png")
+        out = img if kind is None else _link(kind, img, "p.csv")
+        return _predict(s["teacher"], "imgs", out=out)
+    return make
+
+
+def _init_onto(option: str, kind: str | None):
+    """train-teacher --init F with --out or --log F (or a link to it)."""
+    def make(d, s):
+        f = _copy_teacher(d, s)
+        target = f if kind is None else _link(kind, f, "link.safetensors")
+        out = ["--out", target] if option == "--out" else ["--out", "new.safetensors", "--log", target]
+        return _train(s, "--init", f, *out)
+    return make
+
+
+def _predict_meta(**fields):
+    """predict with a copy of the teacher whose metadata fields are replaced (JSON text)."""
+    def make(d, s):
+        return _predict(_meta(**fields)(d, s), _png(d))
+    return make
+
+
+def _init_file(name: str, build: Callable[[], object], *extra: str):
+    """train-teacher --init NAME, NAME written by torch.save(build()) (or raw bytes)."""
+    def make(d, s):
+        import torch
+
+        obj = build()
+        if isinstance(obj, bytes):
+            (d / name).write_bytes(obj)
+        else:
+            torch.save(obj, d / name)
+        return _train(s, "--init", name, "--out", "out.safetensors", *extra)
+    return make
+
+
+def _mlp_state(change: Callable | None = None) -> Callable[[], dict]:
+    """The state dict of train-teacher's mlp-16 on the small set, one tensor changed."""
+    def build():
+        import torch
+
+        from kdfine.models import build as build_model
+
+        sd = {k: v.clone() for k, v in build_model("mlp-16", 3, 1, 8).state_dict().items()}
+        if change:
+            change(sd, torch)
+        return sd
+    return build
+
+
+def _fifo(option: str):
+    def make(d, s):
+        os.mkfifo(d / "pipe.safetensors")
+        if option == "--init":
+            return _train(s, "--init", "pipe.safetensors", "--out", "out.safetensors")
+        return _predict("pipe.safetensors", _png(d))
+    return make
+
+
+def _onnx_meta(**props):
+    """predict with an ONNX file whose metadata properties are replaced."""
+    def make(d, s):
+        import onnx
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 8, 8])
+        y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 64])
+        graph = helper.make_graph([helper.make_node("Flatten", ["images"], ["logits"])], "g", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        meta = {"classes": json.dumps([str(i) for i in range(64)]), "mean": "[0.5]", "std": "[0.2]", "image_size": "8",
+                "in_channels": "1", "num_classes": "64",
+                "decode": json.dumps({"size": 8, "channels": 1, "resize": "crop"}), **props}
+        for k, v in meta.items():
+            p = model.metadata_props.add()
+            p.key, p.value = k, v
+        onnx.save(model, str(d / "m.onnx"))
+        return _predict("m.onnx", _png(d))
+    return make
+
+
+def _nan_weight(sd, torch):
+    sd["body.1.weight"][0, 0] = float("nan")
+
+
+def _inf_weight(sd, torch):
+    sd["head.bias"][1] = float("inf")
+
+
+def _int_weight(sd, torch):
+    sd["body.1.weight"] = sd["body.1.weight"].round().to(torch.int64)
+
+
+def _int_keys(sd, torch):
+    sd[7] = torch.zeros(2)
+
+
+def _meta_tensor(sd, torch):
+    sd["body.1.bias"] = torch.empty(16, device="meta")
+
+
+def _sparse(sd, torch):
+    sd["body.1.weight"] = sd["body.1.weight"].to_sparse()
+
+
+def _quantized(sd, torch):
+    sd["body.1.bias"] = torch.quantize_per_tensor(sd["body.1.bias"], 0.1, 0, torch.qint8)
+
+
+def _tv_extra_head_key(d, s):
+    import torch
+
+    torch.save({"fc.bogus": torch.zeros(3)}, d / "tv.pt")
+    return _train(s, "--arch", "tv:resnet18", "--init", "tv.pt", "--out", "out.safetensors")
+
+
+def _nan_checkpoint(d, s):
+    tensors = {k: v.clone() for k, v in s["tensors"].items()}
+    tensors["head.weight"][0, 0] = float("nan")
+    save_file(tensors, str(d / "t.safetensors"), metadata=s["meta"])
+    return d / "t.safetensors"
+
+
+def _int_checkpoint(d, s):
+    import torch
+
+    tensors = {**s["tensors"], "head.weight": s["tensors"]["head.weight"].round().to(torch.int32)}
+    save_file(tensors, str(d / "t.safetensors"), metadata=s["meta"])
+    return d / "t.safetensors"
+
+
+def _bomb_beside_an_image(d, s):
+    _png(d, "imgs/a.png")
+    bomb_png(d / "imgs" / "b-bomb.png")
+    return _predict(s["teacher"], "imgs", out="out.csv")
+
+
+def _fifo_beside_an_image(d, s):
+    """A FIFO named like an image, given by name: opening it would block until a writer came."""
+    _png(d, "imgs/a.png")
+    os.mkfifo(d / "imgs" / "b.png")
+    return _predict(s["teacher"], "imgs/a.png", "imgs/b.png", out="out.csv")
+
+
+def _huge_size(d, s):
+    """A checkpoint of image_size 100000 (an mlp: its first layer would hold 10^10 weights)."""
+    return _predict(_meta(image_size="100000", arch="mlp-16")(d, s), _png(d))
 
 
 CASES: dict[str, Case] = {
@@ -318,9 +564,117 @@ CASES: dict[str, Case] = {
     "clean-export-dir-in-missing-directory": Case(lambda d, s: ["clean", "--model", s["teacher"], "--out", "c.csv",
                                                                 "--export-dir", "missing/exp", "--device", "cpu"], 3,
                                                   "--export-dir missing/exp: missing does not exist"),
+    # issue 28: files that others can plant or tamper with; readers with bounded memory
+    "lock-is-a-symlink": Case(_victim_link("out.safetensors.lock"), 3, "out.safetensors.lock is a symbolic link",
+                              "out.safetensors"),
+    "lock-is-a-hard-link": Case(_victim_link("out.safetensors.lock", hard=True), 3, "has other names (hard links)",
+                                "out.safetensors"),
+    "lock-is-not-a-lock": Case(_victim_link("out.safetensors.lock", content="notes\n"), 3,
+                               "does not hold a kdfine lock line", "out.safetensors"),
+    "resume-state-is-a-symlink": Case(_victim_link("out.safetensors.state.safetensors", "--resume"), 3,
+                                      "resume state out.safetensors.state.safetensors: is a symbolic link",
+                                      "out.safetensors"),
+    "resume-state-epoch-text": Case(_tampered_state(epoch="1"), 3, "its epoch is not a number of epochs",
+                                    "out.safetensors"),
+    "resume-state-nested-json": Case(_tampered_state(config=json.loads("[" * 50 + "]" * 50),
+                                                     history=[[]]), 3, "history is not one record per epoch",
+                                   "out.safetensors"),
+    "resume-state-config-a-list": Case(_tampered_state(config=[]), 3, "its config is not what kdfine writes",
+                                       "out.safetensors"),
+    "resume-state-optimizer-junk": Case(_tampered_state(optimizers=[{"state": {"0": {"m": {"tensor": "nowhere"}}},
+                                                                     "param_groups": []}]), 3,
+                                        "optimizer state is not what kdfine writes", "out.safetensors"),
+    "dump-json-nested-deeply": Case(_json("[" * 100000 + "]" * 100000), 3, "nested too deeply", "out.csv"),
+    "dump-json-huge-num-classes": Case(_json('{"num_classes": 1000000000000000}'), 3,
+                                       "1,000,000,000,000,000 classes (its json's num_classes) x 8 dims need",
+                                       "out.csv"),
+    "resume-state-json-nested-deeply": Case(_tampered_state("[" * 100000 + "]" * 100000), 3,
+                                            "resume state out.safetensors.state.safetensors: unreadable",
+                                            "out.safetensors"),
+    "dump-labels-huge-label": Case(_huge_label, 3,
+                                   "1,000,000,000,000,001 classes (its largest label)", "out.csv"),
+    "dump-json-classes-not-strings": Case(_json('{"classes": [1, 2, 3]}'), 3, "'classes' must be a list of strings",
+                                          "out.csv"),
+    "dump-json-dim-of-another-dump": Case(_json(f'{{"dim": {D + 1}}}'), 3, "come from different dumps", "out.csv"),
+    "dump-logits-strings": Case(_string_logits, 3, "holds <U4, expected float values", "out.csv"),
+    "dump-npy-header-lies": Case(_npy_header_lies, 3, "its header declares (1000000000000,) int64", "out.csv"),
+    "index-csv-line-over-128k": Case(_header_only("v.csv", "index\n" + "7" * 200_000 + "\n"), 3,
+                                     "line 2: longer than 128 KiB", "out.csv"),
+    "index-csv-field-over-128k": Case(_header_only("v.csv", 'index\n"' + ("x" * 1000 + "\n") * 200 + '"\n'), 3,
+                                      "not a CSV row (field larger than field limit", "out.csv"),
+    "index-csv-more-rows-than-samples": Case(_header_only("v.csv", "index\n" + "0\n" * (N + 1)), 3,
+                                             f"lists more than {N} indices", "out.csv"),
+    "clean-export-dir-is-a-symlink": Case(_export_dir_link, 3, "--export-dir exp: is a symbolic link", "c.csv"),
     "teacher-stdin-empty": Case(lambda d, s: ["distill", "--teacher", "-", "--arch", "mlp", "--epochs", "1",
                                               "--out", "out.safetensors"], 3, "nothing was read from stdin",
                                 "out.safetensors", stdin=""),
+    # issue 27: outputs that would destroy an input (the same file, a hard link, a symbolic link)
+    "export-out-is-the-model": Case(_export_onto(None), 2, "is the input --model"),
+    "export-out-hard-link-to-the-model": Case(_export_onto("hard"), 2, "is the input --model"),
+    "export-out-symlink-to-the-model": Case(_export_onto("sym"), 2, "is the input --model"),
+    "export-out-stdout": Case(lambda d, s: ["export", "--model", _copy_teacher(d, s), "--out", "-"], 2,
+                              "export --out -: the model is a binary file"),
+    "export-out-dev-stdout": Case(lambda d, s: ["export", "--model", _copy_teacher(d, s), "--out", "/dev/stdout"], 2,
+                                  "export --out /dev/stdout: the model is a binary file"),
+    "predict-out-is-the-model": Case(_predict_onto_model(None), 2, "is the input --model"),
+    "predict-out-hard-link-to-the-model": Case(_predict_onto_model("hard"), 2, "is the input --model"),
+    "predict-out-is-an-image": Case(_predict_onto_image(None), 2, "is the input PATH"),
+    "predict-out-symlink-to-an-image": Case(_predict_onto_image("sym"), 2, "is the input PATH"),
+    "predict-out-hard-link-to-an-image": Case(_predict_onto_image("hard"), 2, "is the input PATH"),
+    "init-is-the-out": Case(_init_onto("--out", None), 2, "is the input --init"),
+    "init-hard-link-is-the-out": Case(_init_onto("--out", "hard"), 2, "is the input --init"),
+    "init-is-the-log": Case(_init_onto("--log", None), 2, "is the input --init"),
+    "init-symlink-is-the-log": Case(_init_onto("--log", "sym"), 2, "is the input --init"),
+    # issue 27: checkpoint metadata is checked when the file is read
+    "meta-image-size-huge": Case(_huge_size, 3, "'image_size' must be a whole number in [1, 4096], not 100000",
+                                 "out.csv"),
+    "meta-image-size-zero": Case(_predict_meta(image_size="0"), 3, "'image_size' must be a whole number", "out.csv"),
+    "meta-image-size-negative": Case(_predict_meta(image_size="-8"), 3, "'image_size' must be", "out.csv"),
+    "meta-image-size-bool": Case(_predict_meta(image_size="true"), 3, "'image_size' must be", "out.csv"),
+    "meta-image-size-float": Case(_predict_meta(image_size="8.5"), 3, "'image_size' must be", "out.csv"),
+    "meta-num-classes-zero": Case(_predict_meta(num_classes="0", classes="[]"), 3, "'num_classes' must be", "out.csv"),
+    "meta-in-channels-bool": Case(_predict_meta(in_channels="true"), 3, "'in_channels' must be", "out.csv"),
+    "meta-mean-too-long": Case(_predict_meta(mean="[0.1, 0.2, 0.3]"), 3, "'mean' must be 1 finite numbers",
+                               "out.csv"),
+    "meta-std-zero": Case(_predict_meta(std="[0]"), 3, "'std' must be 1 positive finite numbers", "out.csv"),
+    "meta-std-nan": Case(_predict_meta(std="[NaN]"), 3, "'std' must be 1 positive", "out.csv"),
+    "meta-mean-inf": Case(_predict_meta(mean="[Infinity]"), 3, "'mean' must be 1 finite numbers", "out.csv"),
+    "meta-resize-unknown": Case(_predict_meta(config=json.dumps({"resize": "stretch"})), 3,
+                                "records the resize mode 'stretch'", "out.csv"),
+    "checkpoint-nan-weights": Case(lambda d, s: _predict(_nan_checkpoint(d, s), _png(d)), 3,
+                                   "holds NaN or inf weights", "out.csv"),
+    "checkpoint-int-weights": Case(lambda d, s: _predict(_int_checkpoint(d, s), _png(d)), 3,
+                                   "wrong shape or type head.weight", "out.csv"),
+    "onnx-meta-image-size-huge": Case(_onnx_meta(image_size="100000"), 3, "'image_size' must be a whole number",
+                                      "out.csv"),
+    "onnx-meta-std-zero": Case(_onnx_meta(std="[0]"), 3, "'std' must be 1 positive", "out.csv"),
+    "onnx-meta-input-mismatch": Case(_onnx_meta(image_size="16", decode=json.dumps({"size": 16, "channels": 1})), 3,
+                                     "its input is", "out.csv"),
+    "onnx-without-kdfine-metadata": Case(_onnx_meta(classes=""), 3, "malformed kdfine metadata", "out.csv"),
+    # issue 27: crafted --init files
+    "init-empty-pt": Case(_init_file("w.pt", lambda: b""), 3, "w.pt: the file is empty", "out.safetensors"),
+    "init-non-string-keys": Case(_init_file("w.pt", _mlp_state(_int_keys)), 3, "key 7 is not a name",
+                                 "out.safetensors"),
+    "init-meta-tensor": Case(_init_file("w.pt", _mlp_state(_meta_tensor)), 3, "is meta", "out.safetensors"),
+    "init-sparse-tensor": Case(_init_file("w.pt", _mlp_state(_sparse)), 3, "is sparse_coo", "out.safetensors"),
+    "init-quantized-tensor": Case(_init_file("w.pt", _mlp_state(_quantized)), 3, "is quantized", "out.safetensors"),
+    "init-nan-weights": Case(_init_file("w.pt", _mlp_state(_nan_weight)), 3, "'body.1.weight' holds NaN or inf",
+                             "out.safetensors"),
+    "init-inf-weights": Case(_init_file("w.pt", _mlp_state(_inf_weight)), 3, "'head.bias' holds NaN or inf",
+                             "out.safetensors"),
+    "init-integer-weights": Case(_init_file("w.pt", _mlp_state(_int_weight)), 3, "body.1.weight holds int64, not float32",
+                                 "out.safetensors"),
+    "init-tv-extra-head-key": Case(_tv_extra_head_key, 3, "unexpected fc.bogus", "out.safetensors"),
+    "init-not-a-state-dict": Case(_init_file("w.pt", lambda: [1, 2]), 3, "holds no state dict", "out.safetensors"),
+    # issue 27: special files are refused before they are opened (a FIFO blocks the reader)
+    "checkpoint-is-a-fifo": Case(_fifo("--model"), 3, "pipe.safetensors: is a FIFO (named pipe), not a regular file",
+                                 "out.csv"),
+    "init-is-a-fifo": Case(_fifo("--init"), 3, "pipe.safetensors: is a FIFO (named pipe), not a regular file",
+                           "out.safetensors"),
+    "init-is-a-directory": Case(lambda d, s: _train(s, "--init", ".", "--out", "out.safetensors"), 3,
+                                "--init .: is a directory", "out.safetensors"),
+    "max-pixels-not-a-number": Case(lambda d, s: _predict(s["teacher"], _png(d)), 2, "KDFINE_MAX_PIXELS=lots",
+                                    "out.csv", env={"KDFINE_MAX_PIXELS": "lots"}),
 }
 
 # --debug must keep each kind of failure's exit code: a checkpoint, a feature dump, an index list, an
@@ -333,6 +687,9 @@ WARNINGS: dict[str, tuple[Callable, str]] = {
     "keep-leaves-a-class-empty": (_keep("index\n" + "\n".join(str(i) for i in range(60) if i % 3 != 2) + "\n"),
                                   "kdfine: warning: --keep keep.csv leaves no sample of class 2"),
     "class-with-all-scores-equal": (_equal_scores, "kdfine: warning: class 1: all scores equal; kept whole"),
+    "predict-skips-a-fifo": (_fifo_beside_an_image, "kdfine: warning: imgs/b.png: not a regular file; skipped"),
+    "predict-skips-a-decompression-bomb": (_bomb_beside_an_image, "kdfine: warning: imgs/b-bomb.png: 400,000,000 "
+                                           "pixels, above the limit of 120,000,000 (KDFINE_MAX_PIXELS); skipped"),
 }
 
 
@@ -345,10 +702,10 @@ def dev_full_sidecars() -> list[str]:
     return sorted(p.name for p in Path("/dev").glob("full.*"))
 
 
-def _run(args: list, cwd: Path, stdin: str | None, debug: bool) -> subprocess.CompletedProcess:
+def _run(args: list, cwd: Path, stdin: str | None, debug: bool, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "kdfine", *(["--debug"] if debug else []), *map(str, args)]
     return subprocess.run(cmd, input=stdin if stdin is not None else "", capture_output=True, text=True,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}), cwd=cwd, timeout=300)
+                          env=cli_env({"OMP_NUM_THREADS": "1", **(env or {})}), cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -369,20 +726,21 @@ def results(tmp_path_factory, shared) -> dict[str, Future]:
     pool = ThreadPoolExecutor(3)
     futures: dict[str, Future] = {}
 
-    def job(name, make, out, stdin, debug):
+    def job(name, make, out, stdin, debug, env=None):
         d = root / name
         d.mkdir()
         args = make(d, shared)
         if out:
             (d / out).write_bytes(SENTINEL)
         before = snapshot(d)
-        r = _run(args, d, stdin, debug)
+        r = _run(args, d, stdin, debug, env)
         return r, d, before, snapshot(d)
 
     for name, case in CASES.items():
-        futures[name] = pool.submit(job, name, case.make, case.out, case.stdin, False)
+        futures[name] = pool.submit(job, name, case.make, case.out, case.stdin, False, case.env)
         if name in DEBUG_CASES:
-            futures[f"{name}+debug"] = pool.submit(job, f"{name}+debug", case.make, case.out, case.stdin, True)
+            futures[f"{name}+debug"] = pool.submit(job, f"{name}+debug", case.make, case.out, case.stdin, True,
+                                                   case.env)
     for name, (make, _) in WARNINGS.items():
         futures[name] = pool.submit(job, name, make, None, None, False)
     yield futures
@@ -427,6 +785,8 @@ def test_warning_is_one_line_and_the_command_succeeds(results, name):
     assert "Traceback" not in r.stderr
     new = set(after) - set(before)
     assert new, "the command wrote its output"
+    if name.startswith("predict-skips-"):  # the other image is predicted all the same
+        assert (d / "out.csv").read_text().splitlines()[1].startswith("imgs/a.png,")
     if name == "class-with-all-scores-equal":
         assert r.stderr.strip() == expected  # --json: the table is not printed; the warning is all
         kept = np.loadtxt(d / "out.csv", delimiter=",", skiprows=1, usecols=(0, 1), dtype=np.int64)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdfine import checkpoint
+from kdfine.models import checkpoint
 from kdfine.errors import InputError
 from kdfine.models import build
 

@@ -9,7 +9,7 @@ import pytest
 
 import kdfine
 from conftest import read_json, write_png_tree
-from kdfine import checkpoint
+from kdfine.models import checkpoint
 
 
 def test_version(cli):

@@ -14,8 +14,9 @@ from safetensors.numpy import load_file
 
 from conftest import read_json, write_png_tree
 from kdfine.data.batches import StreamBatches, TrainBatches
-from kdfine.data.cache import file_rows
-from kdfine.data.sources import arch_augment, load_source
+from kdfine.files.rows import file_rows
+from kdfine.data.sources import load_source
+from kdfine.train.run import arch_augment
 
 TRAIN = ["train-teacher", "--arch", "cnn-8", "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--device", "cpu",
          "--augment", "crop-flip", "--json", "-q"]

@@ -1,4 +1,4 @@
-"""The auto and knn detectors (kdfine.combined, kdfine.knn) as library functions, on small arrays."""
+"""The auto and knn detectors (kdfine.detect.auto, kdfine.detect.knn) as library functions, on small arrays."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import pytest
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 
-from kdfine import combined, fine, knn, metrics
+from kdfine.detect import auto, knn
+from kdfine import metrics
+from kdfine.detect import detect
+from kdfine.files import rows
 
 
 def clusters(seed: int, k: int = 4, per_class: int = 150, d: int = 16, noise: float = 0.3):
@@ -51,7 +54,7 @@ def test_two_gaussians_matches_scikit_learn_on_a_clear_mixture():
     rng = np.random.default_rng(4)
     x = np.r_[rng.normal([0, 0], 0.3, (400, 2)), rng.normal([2, 1.5], 0.5, (200, 2))]
     r0 = np.r_[np.zeros(400), np.ones(200)] * 0.8 + 0.1
-    r, (means, covs), _ = combined.two_gaussians(x, r0, tol=1e-10, reg=1e-6)
+    r, (means, covs), _ = auto.two_gaussians(x, r0, tol=1e-10, reg=1e-6)
     g = GaussianMixture(2, covariance_type="full", tol=1e-10, reg_covar=1e-6, random_state=0,
                         means_init=means).fit(x)
     np.testing.assert_allclose(g.means_, means, atol=1e-6)
@@ -62,10 +65,10 @@ def test_two_gaussians_matches_scikit_learn_on_a_clear_mixture():
 def test_auto_weighs_the_signal_that_separates(seed):
     """A useless loss signal (pure noise) gets the smaller weight and auto stays close to FINE."""
     x, labels, truth = clusters(seed)
-    det = fine.detect(x, labels, 4)
+    det = detect(x, labels, 4)
     rng = np.random.default_rng(seed)
     loss = rng.random(labels.size)
-    c = combined.combine(det.scores, det.p_clean, loss, np.full(labels.size, 0.5), labels, 4)
+    c = auto.combine(det.scores, det.p_clean, loss, np.full(labels.size, 0.5), labels, 4)
     assert c.weights["fine"] > 0.8 and c.weights["fine"] + c.weights["loss"] == pytest.approx(1.0)
     clean = labels == truth
     assert metrics.detection(c.keep, clean, c.score)["auroc"] > metrics.detection(det.keep, clean, det.scores)["auroc"] - 0.03
@@ -74,40 +77,40 @@ def test_auto_weighs_the_signal_that_separates(seed):
 def test_auto_through_detect_uses_both_signals():
     x, labels, truth = clusters(5)
     logits = np.where(np.arange(4)[None, :] == truth[:, None], 2.0, 0.0) + np.random.default_rng(5).normal(0, 1, (labels.size, 4))
-    det = fine.detect(x, labels, 4, method="auto", logits=logits)
+    det = detect(x, labels, 4, method="auto", logits=logits)
     assert det.method == "auto" and set(det.detail["weights"]) == {"fine", "loss"}
     assert all(c.note.startswith("auto: FINE") for c in det.classes)
     assert metrics.detection(det.keep, labels == truth, det.scores)["f1"] > 0.9
     with pytest.raises(ValueError, match="needs logits"):
-        fine.detect(x, labels, 4, method="auto")
+        detect(x, labels, 4, method="auto")
 
 
 def test_ranks_are_mean_ranks_of_ties():
-    assert combined.ranks01(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [0.875, 0.25, 0.875, 0.5]
+    assert auto.ranks01(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [0.875, 0.25, 0.875, 0.5]
 
 
 def test_memorisation_is_the_share_of_rejected_samples_the_model_still_fits():
-    assert combined.memorisation(0.99, 0.4) == pytest.approx(0.975)
-    assert combined.memorisation(0.6, 0.4) == 0.0  # fits exactly what FINE keeps
-    assert combined.memorisation(0.3, 0.6) == 0.0 and combined.memorisation(1.0, 0.0) == 1.0
+    assert auto.memorisation(0.99, 0.4) == pytest.approx(0.975)
+    assert auto.memorisation(0.6, 0.4) == 0.0  # fits exactly what FINE keeps
+    assert auto.memorisation(0.3, 0.6) == 0.0 and auto.memorisation(1.0, 0.0) == 1.0
 
 
 def test_auto_follows_the_loss_when_the_model_has_not_fitted_the_wrong_labels():
     """With a fit rate at or below FINE's kept share (m = 0), auto is the small-loss detector;
     without one it is the joint mixture (m = 1); in between, a blend."""
     x, labels, truth = clusters(7)
-    det = fine.detect(x, labels, 4)
+    det = detect(x, labels, 4)
     rng = np.random.default_rng(7)
     loss = np.where(labels == truth, 0.2, 1.5) + rng.normal(0, 0.3, labels.size)
     loss_p = np.clip(1.2 - loss, 0, 1)
     args = (det.scores, det.p_clean, loss, loss_p, labels, 4)
-    under = combined.combine(*args, fit_rate=0.1)
+    under = auto.combine(*args, fit_rate=0.1)
     assert under.memorised == 0.0 and under.weights == {"fine": 0.0, "loss": 1.0}
     assert np.array_equal(under.keep, loss_p > 0.5)
-    assert np.allclose(np.argsort(under.score, kind="stable"), np.argsort(combined.ranks01(-loss), kind="stable"))
-    full = combined.combine(*args)
-    assert full.memorised == 1.0 and np.array_equal(full.keep, combined.combine(*args, fit_rate=1.0).keep)
-    half = combined.combine(*args, fit_rate=1 - 0.5 * np.mean(det.p_clean <= 0.5))
+    assert np.allclose(np.argsort(under.score, kind="stable"), np.argsort(auto.ranks01(-loss), kind="stable"))
+    full = auto.combine(*args)
+    assert full.memorised == 1.0 and np.array_equal(full.keep, auto.combine(*args, fit_rate=1.0).keep)
+    half = auto.combine(*args, fit_rate=1 - 0.5 * np.mean(det.p_clean <= 0.5))
     assert half.memorised == pytest.approx(0.5)
     assert half.weights["loss"] == pytest.approx(0.5 * full.weights["loss"] + 0.5)
 
@@ -116,11 +119,11 @@ def test_take_rows_reads_a_memmap_with_positional_reads(tmp_path):
     x = np.random.default_rng(2).random((300, 7)).astype(np.float32)
     np.save(tmp_path / "f.npy", x)
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    rows = np.array([0, 5, 6, 150, 299])
-    assert fine._npy_file(mm) is not None
-    got = fine.take_rows(mm, rows)
-    assert isinstance(got, np.ndarray) and not isinstance(got, np.memmap) and np.array_equal(got, x[rows])
-    assert np.array_equal(fine.take_rows(x, rows), x[rows])
+    idx = np.array([0, 5, 6, 150, 299])
+    assert rows.file_rows(mm) is not None
+    got = rows.take_rows(mm, idx)
+    assert isinstance(got, np.ndarray) and not isinstance(got, np.memmap) and np.array_equal(got, x[idx])
+    assert np.array_equal(rows.take_rows(x, idx), x[idx])
     a = knn.knn_split(mm, np.arange(300) % 3, reference=100, seed=1)
     b = knn.knn_split(x, np.arange(300) % 3, reference=100, seed=1)
     assert all(np.array_equal(u, v) for u, v in zip(a, b))

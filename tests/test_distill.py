@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import cli_env, read_json, run_cli
-from kdfine import api, checkpoint
+from kdfine import api
+from kdfine.models import checkpoint
 from kdfine.data.sources import load_source
-from kdfine.engine import TeacherEnsemble
+from kdfine.train.run import TeacherEnsemble
 from kdfine.errors import InputError
 
 KDFINE = f"{shlex.quote(sys.executable)} -m kdfine"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import cli_env, run_cli
-from kdfine import distributed
+from kdfine.runtime import distributed
 from kdfine.data.batches import TrainBatches
 
 TIMEOUT = 240  # a hang shows up as a timeout, never as a stuck test run
@@ -185,8 +185,8 @@ def test_batch_that_cannot_be_split_is_a_usage_error():
 # backend threads left after its teardown.
 _TEARDOWN_PROBE = """
 import runpy, sys
-from kdfine import distributed
-from kdfine.launch import launch_rank
+from kdfine.runtime import distributed
+from kdfine.runtime.launch import launch_rank
 
 def run(*args):
     sys.argv = ["kdfine", *args]
@@ -216,3 +216,31 @@ def test_teardown_leaves_no_backend_thread_for_interpreter_exit(tmp_path):
     probes = sorted(ln.split(" ", 1)[1] for ln in r.stderr.splitlines() if ln.startswith("probe "))
     assert probes == ["rank=0 code=0 threads=[]", "rank=1 code=0 threads=[]"], r.stderr
     assert (tmp_path / "ok.safetensors").exists()
+
+
+def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(tmp_path):
+    """--bn-stats recompute with 2 processes: each takes half of every global batch and the ranks'
+    averages are averaged, so the first layer's running means are those of one process on the same
+    batches; deeper layers see inputs normalised by half batches, hence close, not equal, values."""
+    from kdfine.data.sources import load_source
+    from kdfine.models import checkpoint
+    from kdfine.train import batchnorm
+
+    out = tmp_path / "bn.safetensors"
+    r = torchrun("train-teacher", "--arch", "mlp", "--epochs", "1", "--seed", "5", "--device", "cpu",
+                 "--bn-stats", "recompute", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert sum("BatchNorm statistics re-estimated on" in ln for ln in r.stderr.splitlines()) == 1  # rank 0 says it
+    ddp = checkpoint.load(out)
+    one = checkpoint.load(out)
+    train = load_source("digits").train
+    index = batchnorm.sample(np.arange(len(train)), batchnorm.BN_IMAGES, 5)
+    batchnorm.recompute(one.model, list(batchnorm.bn_layers(one.model)), train.images, index, one.meta["mean"],
+                        one.meta["std"], device=torch.device("cpu"), batch_size=128)
+    a, b = batchnorm.bn_layers(ddp.model), batchnorm.bn_layers(one.model)
+    assert a.keys() == b.keys() and a
+    first = next(iter(a))
+    torch.testing.assert_close(a[first].running_mean, b[first].running_mean, rtol=1e-4, atol=1e-5)
+    for name in a:
+        torch.testing.assert_close(a[name].running_mean, b[name].running_mean, rtol=0.1, atol=0.01)
+        torch.testing.assert_close(a[name].running_var, b[name].running_var, rtol=0.1, atol=1e-3)

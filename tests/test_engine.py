@@ -1,5 +1,5 @@
-"""The training loop in-process (engine.fit on a slice of digits, tiny cnn), the resume state
-(kdfine.state) and the signal handling (kdfine.signals): a failure here names the function."""
+"""The training loop in-process (kdfine.train.loop.fit on a slice of digits, tiny cnn), the resume state
+(kdfine.train.resume) and the signal handling (kdfine.runtime.signals): a failure here names the function."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import digits_slice, stop_after, tiny_cnn
-from kdfine import state
-from kdfine.checkpoint import state_tensors
+from kdfine.train import resume
+from kdfine.models.checkpoint import state_tensors
 from kdfine.data.noise import apply_noise
-from kdfine.engine import TrainConfig, fit
+from kdfine.options import TrainConfig
+from kdfine.train.loop import Job, RunFiles, fit
 from kdfine.errors import InputError, UsageError
-from kdfine.progress import Reporter
-from kdfine.signals import StopFlag, sigterm_as_interrupt
+from kdfine.train.progress import Reporter
+from kdfine.runtime.signals import StopFlag, sigterm_as_interrupt
 
 CPU = torch.device("cpu")
 
@@ -44,8 +45,9 @@ def _weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_fit_records_every_epoch_and_repeats_with_the_same_seed(digits):
     train, test = digits
     quiet = Reporter(quiet=True)
-    r1 = fit(_model(train), train, _cfg(), device=CPU, test=test, reporter=quiet)
-    r2 = fit(_model(train), train, _cfg(), device=CPU, test=test, reporter=quiet)
+    cfg = _cfg(bn_stats="keep")  # the final metrics are the last epoch's (see test_batchnorm for re-estimation)
+    r1 = fit(Job(_model(train), train, CPU, test=test), cfg, RunFiles(reporter=quiet))
+    r2 = fit(Job(_model(train), train, CPU, test=test), cfg, RunFiles(reporter=quiet))
     assert [h["epoch"] for h in r1.history] == [1, 2]
     assert r1.history[0]["lr"] == pytest.approx(0.1) and r1.history[1]["lr"] == pytest.approx(0.01)
     assert r1.history[0]["train_images"] == 4 * 64  # 256 // 64 full batches
@@ -59,8 +61,7 @@ def test_dynamic_fine_selection_trains_on_a_subset_of_the_keep_list(digits):
     truth = train.labels
     noisy = train.with_labels(apply_noise(truth, "sym:0.4", train.num_classes, seed=0))
     keep = np.arange(0, 256, 2)[::-1]  # unsorted on purpose: fit sorts it
-    r = fit(_model(train), noisy, _cfg(fine_every=1), device=CPU, test=test, selection=keep, truth=truth,
-            reporter=Reporter(quiet=True))
+    r = fit(Job(_model(train), noisy, CPU, test=test, selection=keep, truth=truth), _cfg(fine_every=1), RunFiles(reporter=Reporter(quiet=True)))
     assert "fine_kept" not in r.history[0]  # warm-up epoch
     rec = r.history[1]
     assert rec["fine_total"] == 128 and 2 <= rec["fine_kept"] <= 128
@@ -74,19 +75,17 @@ def test_dynamic_fine_selection_trains_on_a_subset_of_the_keep_list(digits):
 def test_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_path):
     train, _ = digits
     cfg = _cfg(epochs=3, fine_every=1)
-    ref = fit(_model(train), train, cfg, device=CPU, reporter=Reporter(quiet=True))
+    ref = fit(Job(_model(train), train, CPU), cfg, RunFiles(reporter=Reporter(quiet=True)))
     path = tmp_path / "run.state.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(train), train, cfg, device=CPU, state_file=path, reporter=stop_after(3))
-    assert state.load_state(path)[1]["epoch"] == 2
-    resumed = fit(_model(train, seed=99), train, cfg, device=CPU, state_file=path, resume=True,
-                  reporter=Reporter(quiet=True))
+        fit(Job(_model(train), train, CPU), cfg, RunFiles(state=path, reporter=stop_after(3)))
+    assert resume.load_state(path)[1]["epoch"] == 2
+    resumed = fit(Job(_model(train, seed=99), train, CPU), cfg, RunFiles(state=path, resume=True, reporter=Reporter(quiet=True)))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert _weights_equal(ref.model, resumed.model)
     assert np.array_equal(ref.selection, resumed.selection)
     with pytest.raises(UsageError, match="other options"):
-        fit(_model(train), train, replace(cfg, lr=0.05), device=CPU, state_file=path, resume=True,
-            run_config={"lr": 0.05}, reporter=Reporter(quiet=True))
+        fit(Job(_model(train), train, CPU), replace(cfg, lr=0.05), RunFiles(state=path, resume=True, record={"lr": 0.05}, reporter=Reporter(quiet=True)))
 
 
 def _trained_sgd() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -103,12 +102,12 @@ def _trained_sgd() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 def test_state_round_trip_restores_the_optimizer_state_dict(tmp_path):
     model, opt = _trained_sgd()
     path = tmp_path / "s.safetensors"
-    state.save_state(path, [model], [opt], {"extra": torch.arange(3)}, {"epoch": 4})
-    tensors, info = state.load_state(path)
+    resume.save_state(path, [model], [opt], {"extra": torch.arange(3)}, {"epoch": 4})
+    tensors, info = resume.load_state(path)
     assert info["epoch"] == 4 and torch.equal(tensors["extra"], torch.arange(3))
     fresh = _trained_sgd()[0]
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9, nesterov=True)
-    state.restore(path, tensors, info, [fresh], [fresh_opt])
+    resume.restore(path, tensors, info, [fresh], [fresh_opt])
     assert _weights_equal(model, fresh)
     saved, now = opt.state_dict(), fresh_opt.state_dict()
     assert saved["state"].keys() == now["state"].keys()
@@ -120,19 +119,19 @@ def test_state_round_trip_restores_the_optimizer_state_dict(tmp_path):
 def test_state_that_does_not_fit_or_is_old_is_refused(tmp_path):
     model, opt = _trained_sgd()
     path = tmp_path / "s.safetensors"
-    state.save_state(path, [model], [opt], {}, {"epoch": 1})
-    tensors, info = state.load_state(path)
+    resume.save_state(path, [model], [opt], {}, {"epoch": 1})
+    tensors, info = resume.load_state(path)
     other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
     with pytest.raises(InputError, match="does not fit this model"):
-        state.restore(path, tensors, info, [other], [torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)])
+        resume.restore(path, tensors, info, [other], [torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)])
     key = next(k for k in tensors if k.startswith("optim0."))
     tensors[key] = torch.zeros(7)
     with pytest.raises(InputError, match="does not fit this model.*shape"):
-        state.restore(path, tensors, info, [model], [opt])
+        resume.restore(path, tensors, info, [model], [opt])
     old = tmp_path / "old.safetensors"  # the format before optimizer.state_dict(): optim.{group}.{param}
     save_file({"optim.0.0": torch.zeros(4, 3)}, str(old), metadata={"kdfine_state": '{"epoch": 1}'})
     with pytest.raises(InputError, match="unreadable.*delete it"):
-        state.load_state(old)
+        resume.load_state(old)
 
 
 def test_stop_flag_catches_sigint_and_puts_the_handler_back():

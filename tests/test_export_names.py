@@ -18,7 +18,7 @@ from conftest import run_cli
 from kdfine.data.export import check_class_names, export_folder, unsafe_component
 from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError
-from kdfine.outputs import Outputs
+from kdfine.files.outputs import Outputs
 
 
 def _dataset(classes: list[str], n: int = 6) -> ArrayDataset:
@@ -103,3 +103,22 @@ def test_info_reads_recorded_parents_only_from_regular_files(tmp_path, digits_te
     node = json.loads(r.stdout)["lineage"][0]
     assert node["found"] is False and node["recorded_path"] == "/dev/zero"
     assert os.path.exists("/dev/zero")
+
+
+def test_exported_files_keep_their_names_and_namesakes_get_the_index(tmp_path):
+    """A relabelled file that meets a namesake (here: case-insensitively) in its new class folder is
+    written as <stem>.<index><suffix>; every other file keeps its own name."""
+    src = tmp_path / "src"
+    files = [src / "cat" / "a.png", src / "dog" / "A.png", src / "dog" / "b.jpg", src / "cat" / "sub" / "b.jpg"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    x = np.zeros((4, 4, 4, 1), np.uint8)
+    ds = ArrayDataset(x, np.array([0, 0, 1, 1]), ["cat", "dog"], (0.5,), (0.25,), "none", "imagefolder:src", "train",
+                      [str(f) for f in files])
+    out = tmp_path / "out"
+    out.mkdir()
+    export_folder(ds, ds, np.arange(4), out)
+    assert sorted(p.name for p in (out / "train" / "cat").iterdir()) == ["A.000001.png", "a.png"]
+    assert sorted(p.name for p in (out / "train" / "dog").iterdir()) == ["b.000003.jpg", "b.jpg"]
+    assert (out / "train" / "cat" / "A.000001.png").samefile(files[1])

@@ -1,4 +1,4 @@
-"""Properties of the FINE library (kdfine.fine): eigenvectors, alignment scores, the per-class split,
+"""Properties of the FINE library (kdfine.detect.fine): eigenvectors, alignment scores, the per-class split,
 input kinds (numpy, memory map, torch) and the small-loss detector."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kdfine import fine
+from kdfine.detect import fine
+from kdfine.detect import detect, small_loss
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(FAST, max_examples=8)  # each example fits a mixture per class (~20-100 ms each)
@@ -120,8 +121,8 @@ def test_vectors_are_uncentred_not_covariance():
 def test_raising_zeta_never_keeps_more(seed, z1, dz):
     x, y, _ = clusters(seed, per_class=30)
     z2 = min(z1 + dz, 0.99)
-    lo = fine.detect(x, y, 4, zeta=z1, seed=seed)
-    hi = fine.detect(x, y, 4, zeta=z2, seed=seed)
+    lo = detect(x, y, 4, zeta=z1, seed=seed)
+    hi = detect(x, y, 4, zeta=z2, seed=seed)
     assert set(hi.clean_index) <= set(lo.clean_index)
 
 
@@ -129,8 +130,8 @@ def test_raising_zeta_never_keeps_more(seed, z1, dz):
 @given(seed=st.integers(0, 2**16), method=st.sampled_from(["gmm", "kmeans"]))
 def test_same_seed_same_output(seed, method):
     x, y, _ = clusters(seed, per_class=30)
-    a = fine.detect(x, y, 4, method=method, seed=seed)
-    b = fine.detect(x, y, 4, method=method, seed=seed)
+    a = detect(x, y, 4, method=method, seed=seed)
+    b = detect(x, y, 4, method=method, seed=seed)
     np.testing.assert_array_equal(a.clean_index, b.clean_index)
     np.testing.assert_array_equal(a.p_clean, b.p_clean)
     np.testing.assert_array_equal(a.scores, b.scores)
@@ -141,7 +142,7 @@ def test_same_seed_same_output(seed, method):
        method=st.sampled_from(["gmm", "kmeans"]))
 def test_separates_clean_and_noisy_clusters(seed, k, per_class, method):
     x, y, truth = clusters(seed, k=k, per_class=per_class, d=max(8, 2 * k))
-    det = fine.detect(x, y, k, method=method, seed=0)
+    det = detect(x, y, k, method=method, seed=0)
     p, r = precision_recall(det.keep, y == truth)
     assert p >= 0.95 and r >= 0.95
     assert np.all((det.p_clean >= 0) & (det.p_clean <= 1))
@@ -166,7 +167,7 @@ def test_vectors_from_a_subset_use_only_those_rows():
                                fine.class_vectors(x[clean], y[clean], 4), atol=1e-9)
     mask = np.zeros(len(y), bool)
     mask[clean] = True
-    det = fine.detect(x, y, 4, vectors_from=mask)
+    det = detect(x, y, 4, vectors_from=mask)
     np.testing.assert_allclose(det.vectors, fine.class_vectors(x[clean], y[clean], 4), atol=1e-9)
 
 
@@ -177,8 +178,8 @@ def test_memmap_in_chunks_matches_in_memory(tmp_path):
     x, y, _ = clusters(5, per_class=50)
     np.save(tmp_path / "f.npy", x)
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    a = fine.detect(x, y, 4)
-    b = fine.detect(mm, y, 4, chunk=7)  # chunks smaller than N and than a class
+    a = detect(x, y, 4)
+    b = detect(mm, y, 4, chunk=7)  # chunks smaller than N and than a class
     np.testing.assert_allclose(b.vectors, a.vectors, atol=1e-6)
     np.testing.assert_allclose(b.scores, a.scores, atol=1e-6)
     np.testing.assert_array_equal(b.clean_index, a.clean_index)
@@ -186,8 +187,8 @@ def test_memmap_in_chunks_matches_in_memory(tmp_path):
 
 def test_torch_tensors_match_numpy():
     x, y, _ = clusters(6, per_class=50)
-    a = fine.detect(x, y, 4)
-    b = fine.detect(torch.from_numpy(x), torch.from_numpy(y), 4, chunk=33)
+    a = detect(x, y, 4)
+    b = detect(torch.from_numpy(x), torch.from_numpy(y), 4, chunk=33)
     np.testing.assert_allclose(b.vectors, a.vectors, atol=1e-6)
     np.testing.assert_allclose(b.scores, a.scores, atol=1e-6)
     np.testing.assert_array_equal(b.clean_index, a.clean_index)
@@ -211,7 +212,7 @@ def test_tiny_and_flat_classes_are_kept_whole_with_a_warning():
                    np.zeros((4, x.shape[1]))]).astype(np.float32)
     y = np.r_[y, [3], [4] * 6, [5] * 4]
     with pytest.warns(fine.FineWarning) as record:
-        det = fine.detect(x, y, 7)  # class 6 is empty: no report row, no crash
+        det = detect(x, y, 7)  # class 6 is empty: no report row, no crash
     messages = " ".join(str(w.message) for w in record)
     assert "class 3: fewer than 2 samples" in messages and "class 4: all scores equal" in messages
     assert "class 5" in messages
@@ -245,30 +246,30 @@ def noisy_logits(seed: int, n: int = 400, k: int = 5, noise: float = 0.4):
 @given(seed=st.integers(0, 2**16))
 def test_small_loss_finds_the_wrong_labels(seed):
     logits, labels, truth = noisy_logits(seed)
-    keep, p, scores = fine.small_loss_split(logits, labels, seed=0)
+    keep, p, scores = small_loss.small_loss_split(logits, labels, seed=0)
     prec, rec = precision_recall(keep, labels == truth)
     assert prec >= 0.95 and rec >= 0.95
     # scores are p(label | x): a higher score means a more likely clean label
     sm = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(scores, (sm / sm.sum(1, keepdims=True))[np.arange(len(labels)), labels], rtol=1e-9)
-    det = fine.detect(None, labels, 5, method="small-loss", logits=logits)
+    det = detect(None, labels, 5, method="small-loss", logits=logits)
     np.testing.assert_array_equal(det.clean_index, np.flatnonzero(keep))
     assert det.vectors is None and sum(c.total for c in det.classes) == len(labels)
 
 
 def test_small_loss_degenerate_and_missing_logits():
     with pytest.warns(fine.FineWarning, match="all losses equal"):
-        keep, _, _ = fine.small_loss_split(np.zeros((6, 3)), np.r_[0, 1, 2, 0, 1, 2])
+        keep, _, _ = small_loss.small_loss_split(np.zeros((6, 3)), np.r_[0, 1, 2, 0, 1, 2])
     assert keep.all()
     with pytest.raises(ValueError, match="needs logits"):
-        fine.detect(np.ones((4, 2)), np.r_[0, 1, 0, 1], 2, method="small-loss")
+        detect(np.ones((4, 2)), np.r_[0, 1, 0, 1], 2, method="small-loss")
 
 
 def test_summary_reports_kept_fraction_and_classes():
     x, y, _ = clusters(9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a normal split warns about nothing
-        det = fine.detect(x, y, 4)
+        det = detect(x, y, 4)
     s = det.summary()
     assert s["n"] == len(y) and s["kept"] == det.clean_index.size
     assert s["kept_fraction"] + s["estimated_noise_rate"] == pytest.approx(1.0)

@@ -15,7 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from kdfine import api, checkpoint, detection
+from kdfine import api
+from kdfine.models import checkpoint
+from kdfine.detect import command
 from kdfine.errors import KdfineError
 
 N, D, K = 24, 4, 3
@@ -51,7 +53,7 @@ def test_dump_sidecars_never_crash(tmp_path_factory, doc, labels, logits, truth,
             np.save(d / f"f.{name}.npy", a)
     (d / "f.json").write_text(json.dumps(doc))
     try:
-        detection.detect_noise(str(d / "f.npy"), method="small-loss" if small_loss else "gmm")
+        command.detect_noise(str(d / "f.npy"), method="small-loss" if small_loss else "gmm")
     except KdfineError:
         pass
 

@@ -82,7 +82,7 @@ def test_lineage_beside_it_after_a_move_and_with_parent(chain, tmp_path):
 
 
 def test_human_output_and_unrelated_parent_warning(chain, digits_teacher, tmp_path):
-    from kdfine import checkpoint
+    from kdfine.models import checkpoint
     from kdfine.models import build
 
     other = tmp_path / "other.safetensors"  # a real (untrained) checkpoint outside the lineage

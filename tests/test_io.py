@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from kdfine.errors import InputError
-from kdfine.io import atomic_open, read_index, read_labels, write_csv
+from kdfine.files.outputs import Outputs
+from kdfine.files.tables import csv_text, read_index, read_labels
 
 
 def test_index_csv_and_plain_lines(tmp_path):
@@ -44,20 +45,30 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
     target = tmp_path / "out.csv"
     target.write_text("old\n")
     with pytest.raises(RuntimeError):
-        with atomic_open(target, "w") as f:
-            f.write("partial")
-            raise RuntimeError("boom")
+        with Outputs() as outs:
+            outs.add(target, "--out")
+            with outs.open(target, "w") as f:
+                f.write("partial")
+                raise RuntimeError("boom")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+    def write(path):
+        with Outputs() as outs:
+            outs.add(path, "--out")
+            with outs.open(path, "w") as f:
+                f.write(csv_text(["index"], [np.arange(100000)], ["{}"]))
+            outs.commit()
+
     with pytest.raises(InputError, match="/dev/full"):
-        write_csv("/dev/full", ["index"], [np.arange(100000)], ["{}"])
+        write("/dev/full")
     with pytest.raises(InputError, match="does not exist"):
-        write_csv(str(tmp_path / "no" / "x.csv"), ["index"], [np.arange(3)], ["{}"])
+        write(str(tmp_path / "no" / "x.csv"))
 
 
 def test_pread_rows_reads_rows_at_their_offsets_and_reports_a_short_file(tmp_path):
     import os
 
-    from kdfine.io import pread_rows
+    from kdfine.files.rows import pread_rows
 
     x = np.arange(60, dtype=np.uint8).reshape(10, 6)
     path = tmp_path / "rows.bin"

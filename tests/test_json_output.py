@@ -75,13 +75,24 @@ def test_json_shapes(runs):
 
 def test_quiet_still_reports_errors_in_one_line(tmp_path):
     r = run_cli("plot-log", tmp_path / "missing.jsonl", "-o", tmp_path / "x.png", "--json", "-q")
-    assert r.returncode == 3 and r.stdout == ""
+    assert r.returncode == 3
     assert r.stderr.count("\n") == 1 and "missing.jsonl" in r.stderr
+    # --json: stdout still holds one JSON document, the error, with the exit code and the stderr line's message
+    assert json.loads(r.stdout) == {"error": {"code": 3, "kind": "input",
+                                              "message": r.stderr.strip().removeprefix("kdfine: error: ")}}
+
+
+def test_a_usage_error_under_json_is_a_json_document_too(tmp_path):
+    r = run_cli("detect-noise", "--features", tmp_path / "f.npy", "--out", tmp_path / "k.csv", "--zeta", "2", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["kind"] == "usage" and "--zeta" in r.stderr
+    r = run_cli("eval", "--model", tmp_path / "m.safetensors", "--split", "bogus", "--json")  # refused by the parser
+    assert r.returncode == 2 and "bogus" in json.loads(r.stdout)["error"]["message"]
 
 
 def test_csv_and_json_cannot_share_stdout(noisy_dump):
     r = run_cli("detect-noise", "--features", noisy_dump, "--out", "-", "--json")
-    assert r.returncode == 2 and r.stdout == "" and "--json" in r.stderr
+    assert r.returncode == 2 and "--json" in r.stderr
+    assert list(json.loads(r.stdout)) == ["error"]  # no CSV: the error document alone
 
 
 def run_with_tty_stderr(args) -> subprocess.CompletedProcess:

@@ -56,7 +56,7 @@ def test_pages_render_cleanly_and_list_every_option_with_its_default():
             if getattr(p, "hidden", False) or not p.opts[0].startswith("-"):
                 continue
             assert p.opts[0] in text, f"kdfine-{name}.1 lacks {p.opts[0]}"
-            first_words = " ".join((p.help or "").split()[:4])
+            first_words = " ".join((p.help or "").replace("\\[", "[").split()[:4])  # rich escapes [ as \\[
             assert first_words in text, f"kdfine-{name}.1 lacks the help of {p.opts[0]}"
             if p.default not in (None, False) and not p.multiple and not p.required:
                 shown = repr(p.default) if isinstance(p.default, float) else str(p.default)

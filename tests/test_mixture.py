@@ -1,4 +1,4 @@
-"""kdfine.mixture reproduces scikit-learn's GaussianMixture (the official FINE split) exactly, and
+"""kdfine.detect.mixture reproduces scikit-learn's GaussianMixture (the official FINE split) exactly, and
 metrics.auroc its roc_auc_score."""
 
 import warnings
@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from kdfine import fine, metrics, mixture
+from kdfine.detect import fine, mixture
+from kdfine import metrics
 
 
 def samples(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:

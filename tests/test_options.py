@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import sys
 import pytest
 
 from kdfine.errors import UsageError
-from kdfine.options import TEACHER_ONLY, DataOptions, DetectOptions, EvalOptions, TrainConfig, parse_schedule
+from kdfine.options import DataOptions, DetectOptions, EvalOptions, TrainConfig, declarations
+from kdfine.train.schedule import parse_schedule
 
 # (arguments, a fragment of the one error line): each must exit 2 before torch is even imported,
 # so certainly before any data is read or any model built
@@ -73,12 +73,15 @@ def test_bad_option_values_exit_2_with_one_line_before_anything_loads(tmp_path):
 @pytest.mark.parametrize("cls", [DataOptions, TrainConfig, DetectOptions, EvalOptions])
 def test_defaults_validate_and_every_cli_field_names_its_flag(cls):
     cls().validate()
-    for f in dataclasses.fields(cls):
-        if "cli" in f.metadata:
-            meta = f.metadata["cli"]
-            assert meta.flag.startswith("--") and meta.help.endswith(".")
-            if meta.choices is not None and f.default is not None:
-                assert f.default in meta.choices()
+    for f, meta, _ in declarations(cls):
+        if meta.flag is None:  # a library setting, not on the command line
+            continue
+        commands = meta.commands or (None,)
+        for command in commands:
+            assert meta.flag.startswith("--") and meta.help_for(command).endswith(".")
+            default = meta.default_for(command, f.default)
+            if meta.choices_for(command) is not None and default is not None:
+                assert default in meta.choices_for(command)
 
 
 def test_train_teacher_and_distill_share_one_declaration():
@@ -88,15 +91,18 @@ def test_train_teacher_and_distill_share_one_declaration():
 
     group = typer.main.get_command(app)
     opts = {name: {p.name: p.opts for p in group.commands[name].params} for name in ("train-teacher", "distill")}
-    for f in dataclasses.fields(TrainConfig):
-        if "cli" in f.metadata and f.name not in ("loss", "tau", "alpha") + TEACHER_ONLY:
-            assert opts["train-teacher"][f.name] == opts["distill"][f.name] == [f.metadata["cli"].flag.split("/")[0]]
+    both = {f.name for f, m, _ in declarations(TrainConfig, "train-teacher")} & {
+        f.name for f, m, _ in declarations(TrainConfig, "distill")}
+    assert {"epochs", "lr", "fine_every", "loss"} <= both and "tau" not in both and "fine_strategy" not in both
+    for f, meta, _ in declarations(TrainConfig):
+        if meta.flag is not None and f.name in both:
+            assert opts["train-teacher"][f.name] == opts["distill"][f.name] == [meta.flag.split("/")[0]]
 
 
 def test_loss_names_are_the_implemented_ones():
     import torch
 
-    from kdfine.losses import LOSSES, kd_loss
+    from kdfine.train.losses import LOSSES, kd_loss
 
     zs, zt, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     for loss in LOSSES:

@@ -17,9 +17,10 @@ import pytest
 
 from conftest import cli_env, run_cli
 from kdfine.errors import InputError, UsageError
-from kdfine.features import read_dump, write_dump
-from kdfine.io import read_index
-from kdfine.outputs import Outputs, check_name, lock_path, run_lock
+from kdfine.detect.dump import read_dump, write_dump
+from kdfine.files.tables import read_index
+from kdfine.files.lock import lock_path, run_lock
+from kdfine.files.outputs import Outputs, check_name
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -152,7 +153,7 @@ def test_failed_dump_leaves_the_old_set(tmp_path, digits_teacher):
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     out = tmp_path / "t.safetensors"
-    code = ("import sys, time; from kdfine.outputs import run_lock\n"
+    code = ("import sys, time; from kdfine.files.lock import run_lock\n"
             f"with run_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=cli_env())
     try:

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from kdfine.data.noise import KINDS, NoiseSpec, parse_noise
 from kdfine.data.sources import TORCHVISION_SETS, load_source, parse_data_spec
-from kdfine.device import resolve_device
-from kdfine.options import parse_schedule
+from kdfine.runtime.device import resolve_device
+from kdfine.train.schedule import parse_schedule
 from kdfine.errors import DeviceError, InputError, UsageError
-from kdfine.io import read_index, read_labels
+from kdfine.files.tables import read_index, read_labels
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

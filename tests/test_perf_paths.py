@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdfine import fine
+from kdfine.detect import fine
 from kdfine.data.batches import TrainBatches
-from kdfine.losses import kd_loss
+from kdfine.train.losses import kd_loss
 from kdfine.models import build
+from kdfine.detect import detect
+from kdfine.files import rows
 
 
 def synthetic(n: int = 3000, d: int = 96, k: int = 5, noise: float = 0.3, seed: int = 0):
@@ -36,10 +38,12 @@ def test_row_blocks_read_a_file_like_the_array(tmp_path):
     x, _ = synthetic(n=1001, d=7)
     np.save(tmp_path / "f.npy", x)
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    assert fine._npy_file(mm) is not None and fine._npy_file(mm[10:]) is None
-    blocks = [(lo, b.copy()) for lo, b in fine.row_blocks(mm, chunk=128)]
+    assert rows.file_rows(mm) is not None and rows.file_rows(mm[10:]) is not None
+    blocks = [(lo, b.copy()) for lo, b in rows.row_blocks(mm, chunk=128)]
     assert [lo for lo, _ in blocks] == list(range(0, 1001, 128))
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), x)
+    tail = [b.copy() for _, b in rows.row_blocks(mm[10:], chunk=128)]  # a slice is read from its own offset
+    np.testing.assert_array_equal(np.concatenate(tail), x[10:])
 
 
 def test_streamed_file_is_not_resident(tmp_path):
@@ -49,9 +53,9 @@ def test_streamed_file_is_not_resident(tmp_path):
     rows[:] = 1.0
     del rows
     # VmHWM, not getrusage: a child's ru_maxrss starts from its parent's (this test process's) RSS
-    code = ("import numpy as np; from kdfine import fine\n"
+    code = ("import numpy as np; from kdfine.files import rows\n"
             f"x = np.load({str(path)!r}, mmap_mode='r'); s = 0.0\n"
-            "for lo, b in fine.row_blocks(x): s += float(b[:, 0].sum())\n"
+            "for lo, b in rows.row_blocks(x): s += float(b[:, 0].sum())\n"
             "assert s == x.shape[0], s\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "print(int(hwm.split()[1]) // 1024)")
@@ -105,7 +109,7 @@ def reference_detect(x, y, k, seed=0):
 def test_detect_matches_the_reference_on_a_file(tmp_path):
     x, y = synthetic(n=6000, d=128, k=6)
     np.save(tmp_path / "f.npy", x)
-    det = fine.detect(np.load(tmp_path / "f.npy", mmap_mode="r"), y, 6, chunk=1000)
+    det = detect(np.load(tmp_path / "f.npy", mmap_mode="r"), y, 6, chunk=1000)
     keep, scores = reference_detect(x, y, 6)
     np.testing.assert_allclose(det.scores, scores, rtol=0, atol=1e-6)  # float32 products, as the dump
     np.testing.assert_array_equal(det.keep, keep)
@@ -126,7 +130,7 @@ def test_detect_noise_cli_does_not_import_torch(tmp_path):
             "assert not [m for m in sys.modules if m.startswith('sklearn')]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "c.csv").read_text().startswith("index,label,score,p_clean\n")
+    assert (tmp_path / "c.csv").read_text().startswith("index,label,score,p_clean,suggested,suggested_p\n")
 
 
 def one_step(model, x, y, *, channels_last: bool):
@@ -164,15 +168,15 @@ def test_channels_last_step_matches_the_plain_step():
 def test_teachers_run_in_bf16_on_cpus_with_native_bf16():
     from pathlib import Path
 
-    from kdfine.device import cpu_has_bf16, resolve_precision, teacher_precision
+    from kdfine.runtime.device import cpu_has_bf16, resolve_precision, teacher_precision
 
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():  # Linux: the kernel's CPU flags say whether the CPU has bf16 arithmetic
         flags = set(cpuinfo.read_text().split())
-        assert cpu_has_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+        assert cpu_has_bf16() == bool({"avx512_bf16", "amx_tile", "amx_bf16", "bf16"} & flags)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert teacher_precision("auto", cpu) == ("bf16" if cpu_has_bf16() else "fp32")
-    assert resolve_precision("auto", cpu) == "fp32"  # the student's own arithmetic stays fp32
+    assert resolve_precision("auto", cpu) == "fp32"  # eval, feature dumps and predict stay fp32 on CPUs
     assert teacher_precision("fp32", cpu) == "fp32" and teacher_precision("bf16", cpu) == "bf16"
     assert teacher_precision("auto", cuda) == "bf16" and teacher_precision("fp32", cuda) == "fp32"
 

@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from conftest import digits_slice, stop_after, tiny_cnn
-from kdfine import state
-from kdfine.checkpoint import read_meta
-from kdfine.data.augment import apply_draws, augment_draws, augmented_copy
+from kdfine.train import resume
+from kdfine.models.checkpoint import read_meta
+from kdfine.data.augment import apply_draws, augment_draws
 from kdfine.data.batches import PAD
 from kdfine.data.prepare import split_validation
-from kdfine.engine import TrainConfig, evaluate, fit
+from kdfine.options import TrainConfig
+from kdfine.train.loop import Job, RunFiles, evaluate, fit
 from kdfine.errors import UsageError
-from kdfine.losses import kd_loss
-from kdfine.optim import build_optimizer, lr_function
-from kdfine.options import parse_schedule
-from kdfine.progress import Reporter
+from kdfine.train.losses import kd_loss
+from kdfine.train.optim import build_optimizer, lr_function
+from kdfine.train.schedule import parse_schedule
+from kdfine.train.progress import Reporter
 
 CPU = torch.device("cpu")
 QUIET = Reporter(quiet=True)
@@ -64,8 +65,8 @@ def test_gamma_plain_momentum_and_decay_all_reach_the_optimizer(digits, tmp_path
     cfg = _cfg(epochs=5, lr=0.1, schedule="multistep:2,4:0.01", nesterov=False, decay_all=True)
     path = tmp_path / "run.state.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(train), train, cfg, device=CPU, state_file=path, reporter=stop_after(4))
-    _, info = state.load_state(path)
+        fit(Job(_model(train), train, CPU), cfg, RunFiles(state=path, reporter=stop_after(4)))
+    _, info = resume.load_state(path)
     assert [h["lr"] for h in info["history"]] == pytest.approx([0.1, 0.1, 1e-3])
     groups = info["optimizers"][0]["param_groups"]
     assert groups[0]["lr"] == pytest.approx(1e-3)  # the last step of epoch 3 ran at 0.1 * 0.01
@@ -85,7 +86,7 @@ def test_adamw_decoupled_decay_without_norms_and_biases(digits):
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert all(p.ndim == 1 for p in opt.param_groups[1]["params"])
-    r = fit(_model(train), train, _cfg(optimizer="adamw", lr=3e-3, epochs=3), device=CPU, test=test, reporter=QUIET)
+    r = fit(Job(_model(train), train, CPU, test=test), _cfg(optimizer="adamw", lr=3e-3, epochs=3), RunFiles(reporter=QUIET))
     assert r.history[-1]["loss"] < r.history[0]["loss"]
 
 
@@ -104,8 +105,8 @@ def test_label_smoothing_is_torchs_and_reaches_training(digits):
     mixed = kd_loss(zs, zt, y, loss="mse", alpha=0.5, label_smoothing=0.1).item()
     assert mixed == pytest.approx(0.5 * F.mse_loss(zs, zt).item() + 0.5 * want)
     train, _ = digits
-    plain = fit(_model(train), train, _cfg(epochs=1), device=CPU, reporter=QUIET)
-    smooth = fit(_model(train), train, _cfg(epochs=1, label_smoothing=0.3), device=CPU, reporter=QUIET)
+    plain = fit(Job(_model(train), train, CPU), _cfg(epochs=1), RunFiles(reporter=QUIET))
+    smooth = fit(Job(_model(train), train, CPU), _cfg(epochs=1, label_smoothing=0.3), RunFiles(reporter=QUIET))
     assert smooth.history[0]["loss"] > plain.history[0]["loss"]  # smoothing raises the training loss
 
 
@@ -129,9 +130,10 @@ def test_validation_split_is_stratified_seeded_and_within_keep():
 def test_keep_best_val_returns_the_best_validation_epoch_and_resumes_with_it(digits, tmp_path):
     train, test = digits
     tr_idx, val_idx = split_validation(train.labels, 0.25, seed=1)
-    cfg = _cfg(epochs=5, lr=0.8, schedule="constant", val_fraction=0.25, keep_best="val")
+    # bn_stats keep: the returned weights are exactly the best epoch's (test_batchnorm covers re-estimation)
+    cfg = _cfg(epochs=5, lr=0.8, schedule="constant", val_fraction=0.25, keep_best="val", bn_stats="keep")
     run = dict(device=CPU, test=test, selection=tr_idx, val_index=val_idx)
-    ref = fit(_model(train), train, cfg, reporter=QUIET, **run)
+    ref = fit(Job(_model(train), train, **run), cfg, RunFiles(reporter=QUIET))
     val_acc = [h["val_acc"] for h in ref.history]
     assert ref.best_epoch == 1 + int(np.argmax(val_acc)) and ref.best_val == max(val_acc)
     assert ref.best_epoch < 5  # this seed's history peaks before the end, so last and best differ
@@ -140,15 +142,14 @@ def test_keep_best_val_returns_the_best_validation_epoch_and_resumes_with_it(dig
     assert evaluate(ref.model, test, CPU)["top1"] == ref.test["top1"]
     path = tmp_path / "run.state.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(train), train, cfg, state_file=path, reporter=stop_after(5), **run)
-    tensors, info = state.load_state(path)
+        fit(Job(_model(train), train, **run), cfg, RunFiles(state=path, reporter=stop_after(5)))
+    tensors, info = resume.load_state(path)
     assert np.array_equal(tensors["val_index"].numpy(), val_idx) and info["best_epoch"] is not None
-    resumed = fit(_model(train, seed=5), train, cfg, state_file=path, resume=True, reporter=QUIET, **run)
+    resumed = fit(Job(_model(train, seed=5), train, **run), cfg, RunFiles(state=path, resume=True, reporter=QUIET))
     assert resumed.best_epoch == ref.best_epoch and resumed.test == ref.test
     other = split_validation(train.labels, 0.25, seed=2)
     with pytest.raises(UsageError, match="another validation split"):
-        fit(_model(train), train, cfg, state_file=path, resume=True, reporter=QUIET,
-            **{**run, "selection": other[0], "val_index": other[1]})
+        fit(Job(_model(train), train, **{**run, "selection": other[0], "val_index": other[1]}), cfg, RunFiles(state=path, resume=True, reporter=QUIET))
 
 
 def test_keep_best_val_needs_a_validation_split(cli, tmp_path):
@@ -166,8 +167,8 @@ def test_cli_writes_the_best_validation_weights_of_its_log(cli, tmp_path):
     keep = tmp_path / "keep.csv"
     keep.write_text("index\n" + "".join(f"{i}\n" for i in range(400)))
     r = cli("train-teacher", "--keep", keep, "--epochs", "5", "--batch-size", "64", "--lr", "0.8", "--schedule",
-            "constant", "--val-fraction", "0.2", "--keep-best", "val", "--seed", "2", "--out", out, "--log", log,
-            "--json", "-q")
+            "constant", "--val-fraction", "0.2", "--keep-best", "val", "--seed", "2", "--bn-stats", "keep", "--out", out,
+            "--log", log, "--json", "-q")
     assert r.returncode == 0, r.stderr
     doc, lines = json.loads(r.stdout), [json.loads(x) for x in log.read_text().splitlines()]
     assert all("val_acc" in x for x in lines) and lines[0]["train_images"] == 320 // 64 * 64
@@ -176,12 +177,20 @@ def test_cli_writes_the_best_validation_weights_of_its_log(cli, tmp_path):
     metrics = json.loads(meta) if isinstance(meta, str) else meta
     assert doc["best_epoch"] == best == metrics["best_epoch"]
     assert metrics["test_top1"] == lines[best - 1]["test_acc"] and metrics["test_top1_last"] == lines[-1]["test_acc"]
+    # the train loss and accuracy are those of the written (best) epoch too; the last epoch's are named so
+    assert metrics["train_loss"] == lines[best - 1]["loss"] and metrics["train_acc"] == lines[best - 1]["train_acc"]
+    assert metrics["train_loss_last"] == lines[-1]["loss"] and metrics["train_acc_last"] == lines[-1]["train_acc"]
     ev = cli("eval", "--model", out, "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["models"][0]["top1"] == pytest.approx(lines[best - 1]["test_acc"], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------ FINE features
+
+
+def augmented_copy(images: np.ndarray, augment: str, seed: int) -> np.ndarray:
+    """``images`` with ``augment`` applied, drawn from ``seed`` (what dynamic FINE's features see)."""
+    return apply_draws(images, augment_draws(len(images), augment, seed))
 
 
 def test_augmented_copy_is_a_seeded_pad_crop_and_flip():
@@ -216,8 +225,7 @@ def test_augmented_features_in_chunks_equal_the_whole_set_at_once():
 def test_dynamic_fine_on_augmented_features_is_seeded_and_differs_from_plain(digits):
     train, test = digits
     train = replace(train, augment="crop-flip")
-    runs = {ff: fit(_model(train), train, _cfg(epochs=3, fine_warmup=2, fine_every=1, fine_features=ff), device=CPU,
-                    reporter=QUIET) for ff in ("augmented", "plain")}
-    again = fit(_model(train), train, _cfg(epochs=3, fine_warmup=2, fine_every=1), device=CPU, reporter=QUIET)
+    runs = {ff: fit(Job(_model(train), train, CPU), _cfg(epochs=3, fine_warmup=2, fine_every=1, fine_features=ff), RunFiles(reporter=QUIET)) for ff in ("augmented", "plain")}
+    again = fit(Job(_model(train), train, CPU), _cfg(epochs=3, fine_warmup=2, fine_every=1), RunFiles(reporter=QUIET))
     assert np.array_equal(again.selection, runs["augmented"].selection)  # the default, and deterministic
     assert not np.array_equal(runs["augmented"].selection, runs["plain"].selection)

@@ -26,11 +26,19 @@ def _dry_run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_kd_paper_scale_carries_the_official_recipe(tmp_path):
     r = _dry_run("reproduce_kd.py", "--seeds", "2", "--workdir", str(tmp_path))
     cmds = [shlex.split(line) for line in r.stdout.splitlines()]
-    # teacher; 7 columns per seed; medium teacher; per seed and loss (KL tau 3, MSE): medium -> small, large ->
+    # teacher; 11 columns per seed; medium teacher; per seed and loss (KL tau 3, MSE): medium -> small, large ->
     # medium, large -> medium -> small (large -> small is the column's run); 2 noisy teachers, 7 students each
-    assert len(cmds) == 1 + 2 * 7 + 1 + 2 * 2 * 3 + 2 * (1 + 2 * 7)
+    assert len(cmds) == 1 + 2 * 11 + 1 + 2 * 2 * 3 + 2 * (1 + 2 * 7)
+    # the two columns with the DKD and logit-standardisation authors' mixes at their lr 0.05 and decay 5e-4
+    mixes = {("dkd", "0.5", "0.1", "2.5e-4"): 0, ("kl-std", "0.989011", "0.455", "5.4945e-5"): 0}
     for c in cmds:
         o = _opts(c)
+        mix = (o.get("--loss"), o.get("--alpha"), o["--lr"], o["--weight-decay"])
+        if mix in mixes:
+            mixes[mix] += 1
+            o.update({"--lr": "0.1", "--weight-decay": "5e-4", "--alpha": "1.0"})
+        flags = [a for a in c if a.startswith("--")]
+        assert len(flags) == len(set(flags)), c  # every option once: no later value overrides an earlier one
         assert (o["--data"], o["--epochs"], o["--optimizer"], o["--lr"], o["--weight-decay"], o["--batch-size"],
                 o["--schedule"], o["--augment"], o["--precision"]) == (
             "cifar100", "200", "sgd", "0.1", "5e-4", "128", "multistep:100,150:0.1", "crop-flip", "fp32")
@@ -38,13 +46,18 @@ def test_kd_paper_scale_carries_the_official_recipe(tmp_path):
         assert (o["--val-fraction"], o["--keep-best"]) == ("0.1", "val")
         if c[1] == "distill":
             assert o["--alpha"] == "1.0"
+    assert list(mixes.values()) == [2, 2]  # one run of each per seed
     arch = {c[c.index("--out") + 1]: c[c.index("--arch") + 1] for c in cmds}
     teacher = cmds[0]
     assert teacher[:4] == ["kdfine", "train-teacher", "--arch", "wrn-28-4"] and "--label-noise" not in teacher
     kd = [_opts(c) for c in cmds if c[1] == "distill" and arch[_opts(c)["--teacher"]] == "wrn-28-4"
           and _opts(c)["--arch"] == "wrn-16-2" and "--label-noise" not in c]
     assert sorted((o["--loss"], o.get("--tau")) for o in kd if o["--seed"] == "0") == [
-        ("kl", "1"), ("kl", "20"), ("kl", "3"), ("kl", "5"), ("kl-inf", None), ("mse", None)]
+        ("dkd", "4"), ("dkd", "4"), ("kl", "1"), ("kl", "20"), ("kl", "3"), ("kl", "5"), ("kl-inf", None),
+        ("kl-std", "2"), ("kl-std", "2"), ("mse", None)]
+    # dkd with the authors' weights (the option defaults) and warm-up of 20 epochs
+    assert {o["--dkd-warmup"] for o in kd if o["--loss"] == "dkd"} == {"20"}
+    assert not any("--dkd-warmup" in o for o in kd if o["--loss"] != "dkd")
     # sequential: WRN-28-4 -> WRN-16-4 -> WRN-16-2 and WRN-16-4 (CE) -> WRN-16-2, with KL tau 3 and MSE
     paths = {(arch[_opts(c)["--teacher"]], _opts(c)["--arch"], _opts(c)["--loss"]) for c in cmds if c[1] == "distill"}
     for loss in ("kl", "mse"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdfine.losses import LABEL_LOSSES, gce, label_loss, sce
-from kdfine.strategies.dividemix import mixup, prior_penalty, ramp, refine, sharpen
+from kdfine.train.losses import LABEL_LOSSES, gce, label_loss, sce
+from kdfine.train.strategies.dividemix import mixup, prior_penalty, ramp, refine, sharpen
 
 B, K = 7, 5
 

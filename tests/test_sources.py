@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_png_tree
 from kdfine.data.sources import channel_stats, load_source
-from kdfine.errors import InputError, UsageError
+from kdfine.errors import InputError, KdfineWarning, UsageError
 from kdfine.options import DataOptions
 
 
@@ -55,8 +55,11 @@ def test_imagefolder_cache_is_used_and_invalidated(tmp_path):
     entry = Path(first.info["cache"])
     assert entry.parent.parent == Path(os.environ["KDFINE_CACHE"]) and (entry / "manifest.json").is_file()
     assert isinstance(first.train.images.base, mmap.mmap)  # read back as a memory map, not loaded
-    # Overwrite one image with different pixels of the same byte size and mtime: the cache key
-    # (names, sizes, mtimes) is unchanged, so the cached pixels must come back.
+    again = load_source(f"imagefolder:{root}")
+    assert Path(again.info["cache"]) == entry and again.fingerprint == first.fingerprint
+    # Overwrite one image with different pixels of the same byte size and mtime (as `touch -r`
+    # does): the entry's key (names, sizes, mtimes) is unchanged, but the file's ctime is not, so
+    # its bytes are hashed again and the entry, decoded from other bytes, is decoded again.
     f = root / "train" / "cat" / "000.png"
     st = f.stat()
     from PIL import Image
@@ -65,8 +68,11 @@ def test_imagefolder_cache_is_used_and_invalidated(tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: st.st_size].ljust(st.st_size, b"\0"))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    second = load_source(f"imagefolder:{root}")
-    assert np.array_equal(second.train.images, first.train.images)
+    with pytest.warns(KdfineWarning, match="changed in place"):
+        second = load_source(f"imagefolder:{root}")
+    assert second.fingerprint != first.fingerprint
+    assert not second.train.images[0].any() and first.train.images[0].any()
+    assert np.array_equal(second.train.images[1:], first.train.images[1:])
     # a new file changes the key: the tree is decoded again
     Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(root / "train" / "cat" / "999.png")
     third = load_source(f"imagefolder:{root}")
@@ -181,7 +187,7 @@ def test_unreadable_files_are_skipped_and_reported_or_fatal_with_strict(tmp_path
     assert sorted(Path(s["file"]).name for s in src.skipped) == ["bad.png", "cut.png"]
     assert len(src.train) == 18 and not any("bad.png" in f or "cut.png" in f for f in src.train.files)
     manifest = __import__("json").loads((Path(src.info["cache"]) / "manifest.json").read_text())
-    assert sorted(Path(s["file"]).name for s in manifest["skipped"]) == ["bad.png", "cut.png"]
+    assert sorted(Path(s["file"]).name for s in manifest["splits"]["train"]["skipped"]) == ["bad.png", "cut.png"]
     with pytest.raises(InputError, match="2 unreadable image file.*--strict"):
         load_source(f"imagefolder:{root}", strict=True)  # from the cache entry: still an error
 

@@ -174,40 +174,113 @@ def test_init_from_safetensors_timm_and_kdfine_checkpoint(tree, tmp_path, cli, t
     assert r.returncode == 3 and "does not fit" in r.stderr and not bad.exists(), r.stderr
 
 
-def test_pretrained_offline_empty_cache_then_placed_file(tree, tmp_path, cli):
-    import torchvision
-
+def test_pretrained_weights_are_checked_before_the_data(tmp_path, cli):
+    """Offline with an empty cache, then with a stray file under torchvision's name: one line, exit
+    3, before the data (a folder that does not exist) is even looked at."""
     env = offline_env(tmp_path)
     folder = tmp_path / "torch-home" / "hub" / "checkpoints"
     out = tmp_path / "p.safetensors"
-    args = ("train-teacher", "--data", f"imagefolder:{tree}", "--arch", SMALL_TV, "--pretrained",
-            "--image-size", "32", "--out", out)
-    r = cli(*args, "--epochs", "0", env=env)
+    args = ("train-teacher", "--data", f"imagefolder:{tmp_path / 'no-such-folder'}", "--arch", SMALL_TV,
+            "--pretrained", "--epochs", "0", "--out", out)
+    r = cli(*args, env=env)
     assert r.returncode == 3, r.stderr
     assert str(folder) in r.stderr and "mobilenet_v3_small-047dcff4.pth" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
-    # a weights file placed in the cache is used: with a frozen backbone, one epoch leaves it intact
     torch.manual_seed(3)
-    sd = torchvision.models.mobilenet_v3_small().state_dict()
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, folder / "mobilenet_v3_small-047dcff4.pth")
-    r = cli(*args, "--epochs", "1", "--freeze-backbone", "--batch-size", "6", env=env)
+    torch.save(torchvision_state_dict(), folder / "mobilenet_v3_small-047dcff4.pth")
+    r = cli(*args, env=env)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "is not the published weights file" in r.stderr and "047dcff4" in r.stderr and not out.exists()
+
+
+def torchvision_state_dict() -> dict[str, torch.Tensor]:
+    import torchvision
+
+    return torchvision.models.mobilenet_v3_small().state_dict()
+
+
+def test_a_torchvision_file_is_verified_by_the_hash_in_its_name(tmp_path):
+    """kdfine.models.hub.tv_file on a real file: accepted when its sha256 starts with the prefix of
+    its published name, refused otherwise (the URL names the file; nothing is downloaded)."""
+    import hashlib
+
+    from kdfine.errors import InputError
+    from kdfine.models.hub import hash_prefix, tv_file
+
+    assert hash_prefix("resnet18-f37072fd.pth") == "f37072fd" and hash_prefix("plain.pth") is None
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    data = b"weights" * 100
+    good = hashlib.sha256(data).hexdigest()[:8]
+    (folder / f"net-{good}.pth").write_bytes(data)
+    url = f"https://example.invalid/models/net-{good}.pth"
+    assert tv_file("net", url, tmp_path / "hub") == folder / f"net-{good}.pth"
+    (folder / "net-00000000.pth").write_bytes(data)
+    with pytest.raises(InputError, match="its sha256 begins .*, the published file's 00000000"):
+        tv_file("net", "https://example.invalid/models/net-00000000.pth", tmp_path / "hub")
+
+
+TIMM_TINY, TIMM_TINY_REPO = "timm:test_resnet", "timm/test_resnet.r160_in1k"
+
+
+def hf_cache_entry(hf_home: Path, repo: str, filename: str, data: bytes) -> Path:
+    """A Hugging Face cache entry as the hub client writes it: the blob named by its sha256, the
+    snapshot's file a link to it, refs/main naming the snapshot. Returns the blob."""
+    import hashlib
+
+    root = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / filename).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return blob
+
+
+def test_timm_pretrained_from_the_cache_offline_then_a_damaged_blob(tree, tmp_path, cli):
+    """timm weights in the Hugging Face cache load with the network off (backbone intact under
+    --freeze-backbone, the weights' 160 px chosen with a warning: 16 px images upscaled 10x);
+    a blob whose bytes no longer match its sha256 name is refused before training."""
+    import timm
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    sd = timm.create_model("test_resnet", pretrained=False).state_dict()
+    blob = hf_cache_entry(tmp_path / "hf-home", TIMM_TINY_REPO, "model.safetensors", save(sd))
+    env = offline_env(tmp_path)
+    out = tmp_path / "t.safetensors"
+    args = ("train-teacher", "--data", f"imagefolder:{tree}", "--arch", TIMM_TINY, "--pretrained",
+            "--freeze-backbone", "--epochs", "1", "--batch-size", "6", "--out", out)
+    r = cli(*args, env=env)
     assert r.returncode == 0, r.stderr
     got = tensors(out)
     for k, v in sd.items():
-        if not k.startswith("classifier.3."):
-            assert torch.equal(got["backbone." + k], v), k  # BatchNorm statistics too: the backbone stayed in eval
-    m = meta(out)
-    assert "IMAGENET1K_V1" in m["init"] and json.loads(m["mean"]) == pytest.approx([0.485, 0.456, 0.406])
-    r = cli("info", out, "--json", env=env)
-    assert r.returncode == 0 and "IMAGENET1K_V1" in read_json(r.stdout)["init"], r.stderr
+        if not k.startswith("fc."):
+            assert torch.equal(got["backbone." + k], v), k
+    assert "test_resnet.r160_in1k" in meta(out)["init"] and json.loads(meta(out)["image_size"]) == 160
+    assert "images are upscaled 10.0x (16 to 160 px" in r.stderr and "--image-size 16" in r.stderr
+    assert "input 160x160 px (resized from 16x16, 10.0x), augmentation rrc-flip, normalised with the pretrained " \
+           "weights' mean 0.500,0.500,0.500" in r.stderr
+    blob.write_bytes(blob.read_bytes()[:-1] + b"x")
+    r = cli(*args, env=env)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not match the sha256 the cache names it by" in r.stderr
 
 
 def test_timm_pretrained_offline_names_the_cache(tree, tmp_path, cli):
-    r = cli("train-teacher", "--data", f"imagefolder:{tree}", "--arch", SMALL_TIMM, "--pretrained",
-            "--image-size", "32", "--epochs", "0", "--out", tmp_path / "x.safetensors", env=offline_env(tmp_path))
+    """No file and no hub: one line at once (no retries), naming the cache; before the data."""
+    env = offline_env(tmp_path)
+    del env["HF_HUB_OFFLINE"]  # the hub cannot be reached (dead proxy, no sockets): found out at once
+    r = cli("train-teacher", "--data", f"imagefolder:{tmp_path / 'none'}", "--arch", SMALL_TIMM, "--pretrained",
+            "--epochs", "0", "--out", tmp_path / "x.safetensors", env=env)
     assert r.returncode == 3, r.stderr
-    assert str(tmp_path / "hf-home") in r.stderr and "timm/resnet18" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Retrying" not in r.stderr, r.stderr
+    assert str(tmp_path / "hf-home") in r.stderr and "timm/resnet18" in r.stderr and "cannot be reached" in r.stderr
 
 
 def test_default_arch_for_large_images(tmp_path, cli):
@@ -229,7 +302,7 @@ def test_distill_timm_teacher_into_tv_student(timm_ckpt, tmp_path, cli):
 
 
 def test_tv_checkpoint_loads_with_the_network_off(tv_ckpt, tmp_path, cli):
-    code = ("import sys; from kdfine import checkpoint; import torch\n"
+    code = ("import sys; from kdfine.models import checkpoint; import torch\n"
             f"c = checkpoint.load({str(tv_ckpt)!r})\n"
             "print(c.arch, tuple(c.model(torch.rand(2, 3, 16, 16)).shape))\n")
     import subprocess
@@ -247,14 +320,15 @@ def test_tv_checkpoint_loads_with_the_network_off(tv_ckpt, tmp_path, cli):
 
 
 def _images(tree: Path) -> tuple[list[str], np.ndarray]:
-    from kdfine.predict import load_image
+    from kdfine.data.decode import DecodeSpec, decode
 
     files = sorted(str(p) for p in (tree / "test").rglob("*.png"))
-    return files, np.stack([load_image(f, 16, 3) for f in files]).astype(np.float32).transpose(0, 3, 1, 2) / 255
+    pixels = np.stack([decode(f, DecodeSpec(16, 3)).pixels for f in files])
+    return files, pixels.astype(np.float32).transpose(0, 3, 1, 2) / 255
 
 
 def _torch_logits(ckpt: Path, x: np.ndarray) -> np.ndarray:
-    from kdfine import checkpoint
+    from kdfine.models import checkpoint
 
     c = checkpoint.load(ckpt)
     m, s = (torch.tensor(c.meta[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
@@ -300,7 +374,7 @@ def test_torchscript_export_and_missing_onnx(tv_ckpt, tree, tmp_path, cli):
 
 @pytest.mark.parametrize("which", ["tv", "timm"])
 def test_predict_equals_eval(which, tv_ckpt, timm_ckpt, tree, tmp_path, cli):
-    from kdfine.features import read_dump
+    from kdfine.detect.dump import read_dump
 
     ckpt = tv_ckpt if which == "tv" else timm_ckpt
     dump = tmp_path / "f.npy"

@@ -62,9 +62,3 @@ def apply_draws(images: np.ndarray, d: Draws | None) -> np.ndarray:
         flips = np.flatnonzero(d.flips)
         out[flips] = out[flips, :, ::-1]
     return out
-
-
-def augmented_copy(images: np.ndarray, augment: str, seed: int) -> np.ndarray:
-    """``images`` (N, H, W, C) uint8 with ``augment`` applied, drawn from ``seed``; a new array of
-    the same shape (``images`` itself for ``none``)."""
-    return apply_draws(images, augment_draws(len(images), augment, seed))

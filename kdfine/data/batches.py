@@ -27,9 +27,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kdfine.data.cache import advise_random, file_rows, release_pages
+from kdfine.data.cache import advise_random, release_pages
 from kdfine.errors import InputError, UsageError
-from kdfine.io import pread_rows
+from kdfine.files.rows import file_rows, pread_rows
+from kdfine.runtime.memory import available_memory
 
 PAD = 4  # pad-crop padding in pixels, as in the standard CIFAR recipe
 RRC_SCALE = (0.08, 1.0)  # random-resized-crop area share and aspect range (the ImageNet recipe)
@@ -286,18 +287,7 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(BUDGET_SHARE * free)
-    return int(BUDGET_SHARE * _available_ram())
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(BUDGET_SHARE * available_memory())
 
 
 def should_stream(shape: tuple[int, ...], augment: str, device: torch.device, stream: bool | None = None) -> bool:

@@ -1,7 +1,7 @@
 """Cleaned-dataset export: the kept training samples (and the whole test split) as an ``npz:``
 dataset or an ImageFolder tree.
 
-The caller stages both (:class:`kdfine.outputs.Outputs`): they are written to a temporary beside
+The caller stages both (:class:`kdfine.files.outputs.Outputs`): they are written to a temporary beside
 the target and land only when the whole command succeeds. Class names become folder names only
 when each is one safe path component (:func:`check_class_names`); a dataset whose names are not
 is refused, so that a file from elsewhere never chooses where kdfine writes.
@@ -68,14 +68,28 @@ def export_npz(train: ArrayDataset, test: ArrayDataset, keep: np.ndarray, path: 
 
 
 def export_folder(train: ArrayDataset, test: ArrayDataset, keep: np.ndarray, root: str | os.PathLike) -> None:
-    """``root/train/<class>/<index>.<ext>`` for kept samples (hard or symbolic links to the source
-    files when the data is an image folder, PNGs otherwise) and ``root/test/...`` likewise, in the
-    existing empty directory ``root``. Every class name is checked before anything is written."""
+    """``root/train/<class>/<name>`` for kept samples and ``root/test/...`` likewise, in the existing
+    empty directory ``root``: an image folder's files as hard or symbolic links under their own
+    names (:func:`link_name`), other data as ``<index>.png``. Every class name is checked before
+    anything is written."""
     check_class_names(train.classes)
     check_class_names(test.classes)
     root = Path(root)
     _write_split(root, root / "train", train, keep)
     _write_split(root, root / "test", test, np.arange(len(test)))
+
+
+def link_name(name: str, index: int, used: set[str]) -> str:
+    """The source file's own ``name`` (a reviewer finds the file by it), unless a file of that name
+    (compared case-insensitively, as some file systems do) is already in the folder: a sample
+    relabelled into another class, or a namesake from a subfolder, gets ``<stem>.<index><suffix>``."""
+    stem, suffix = os.path.splitext(name)
+    out, k = name, 0
+    while out.casefold() in used:
+        k += 1
+        out = f"{stem}.{index:06d}{suffix}" if k == 1 else f"{stem}.{index:06d}-{k}{suffix}"
+    used.add(out.casefold())
+    return out
 
 
 def _write_split(root: Path, base: Path, ds: ArrayDataset, idx: np.ndarray) -> None:
@@ -86,11 +100,12 @@ def _write_split(root: Path, base: Path, ds: ArrayDataset, idx: np.ndarray) -> N
         if f.resolve().parent != base.resolve() or not f.resolve().is_relative_to(root.resolve()):
             raise InputError(f"--export-dir: class folder {f.name!r} would lie outside the export")  # unreachable
         f.mkdir(parents=True, exist_ok=True)
+    used: dict[Path, set[str]] = {f: set() for f in folders}
     for i in idx.tolist():
         folder = folders[int(ds.labels[i])]
         if ds.files is not None:
             src = Path(ds.files[i])
-            target = folder / f"{i:06d}{src.suffix.lower()}"
+            target = folder / link_name(src.name, i, used[folder])
             try:
                 os.link(src, target)
             except OSError:

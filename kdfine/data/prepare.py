@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from kdfine.data import identity
+from kdfine.data.cache import decode_workers
 from kdfine.data.noise import apply_noise, parse_noise
-from kdfine.data.sources import ArrayDataset, Source, load_source, parse_data_spec
+from kdfine.data.sources import (ArrayDataset, Source, expand_path, fingerprint_store, folder_splits, load_source,
+                                 parse_data_spec)
 from kdfine.errors import InputError, KdfineWarning, UsageError
-from kdfine.io import file_sha256, read_index, read_labels
-from kdfine.options import DataOptions
+from kdfine.files.rows import file_sha256
+from kdfine.files.tables import read_index, read_labels
 
 _INHERITED = ("data", "data_root", "image_size", "resize", "test_fraction")
 _PATH_KINDS = ("imagefolder", "npz")
@@ -32,19 +35,36 @@ def absolute_spec(spec: str) -> str:
     """``npz:PATH`` and ``imagefolder:PATH`` with PATH made absolute (what checkpoints record, so
     that a command run elsewhere finds the same data); other specs unchanged."""
     kind, arg = parse_data_spec(spec)
-    return f"{kind}:{Path(arg).expanduser().resolve()}" if kind in _PATH_KINDS else spec
+    return f"{kind}:{expand_path(arg, spec).resolve()}" if kind in _PATH_KINDS else spec
 
 
 def data_fingerprint(spec: str) -> str | None:
-    """A fingerprint of the data behind a path spec: the sha256 of an npz file, or of an image
-    folder's sorted (relative path, size) list (hidden entries skipped). None for named datasets
-    or a path that does not exist."""
+    """A fingerprint of the data behind a path spec: the sha256 of an npz file, or an image
+    folder's content fingerprint (:mod:`kdfine.data.identity`: every image file's relative path
+    and bytes; remembered under the files' stat key, so a folder is read again only after a
+    change). None for named datasets or a path that does not exist."""
     kind, arg = parse_data_spec(spec)
-    p = Path(arg).expanduser()
+    p = expand_path(arg, spec)
     if kind not in _PATH_KINDS or not p.exists():
         return None
     if kind == "npz":
         return file_sha256(p) if p.is_file() else None
+    splits, _ = folder_splits(p, 0.2)
+    files = [f for fs, _ in splits.values() for f in fs]
+    try:
+        tree = identity.stat_tree(p, files)
+    except FileNotFoundError as e:
+        raise InputError(f"--data {spec}: {e.filename} vanished while the folder was read; run again") from None
+    return identity.fingerprint(tree, fingerprint_store(), decode_workers())
+
+
+def legacy_folder_fingerprint(spec: str) -> str | None:
+    """The fingerprint that checkpoints from before content fingerprints recorded for an image
+    folder: its sorted (relative path, size) list, hidden entries skipped. It does not see edits
+    that keep a file's size."""
+    p = expand_path(parse_data_spec(spec)[1], spec)
+    if not p.is_dir():
+        return None
     h = hashlib.sha256()
     for d, dirs, files in os.walk(p):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
@@ -55,8 +75,9 @@ def data_fingerprint(spec: str) -> str | None:
     return h.hexdigest()
 
 
-def inherit_from(opts: DataOptions, meta: dict[str, Any]) -> DataOptions:
-    """With no ``--data``, the data, image size, label noise and ``--labels`` recorded in a
+def inherit_from(opts: Any, meta: dict[str, Any]) -> Any:
+    """``opts`` (a :class:`kdfine.options.DataOptions`) or, with no ``--data``, a copy with the data,
+    image size, label noise and ``--labels`` recorded in a
     checkpoint's metadata ``meta`` (its ``config``, or the bare ``data`` field of older files).
     A recorded image folder or npz file whose fingerprint changed, or recorded ``--labels`` that are
     missing or changed, are refused (exit 3): pass ``--data`` to choose the data explicitly."""
@@ -82,7 +103,8 @@ def inherit_from(opts: DataOptions, meta: dict[str, Any]) -> DataOptions:
 def _check_recorded_data(spec: str | None, want: Any) -> None:
     if spec is None or not isinstance(want, str):
         return  # named datasets, and checkpoints from before fingerprints
-    have = data_fingerprint(spec)
+    legacy = spec.startswith("imagefolder:") and not identity.is_content(want)
+    have = legacy_folder_fingerprint(spec) if legacy else data_fingerprint(spec)
     if have != want:
         state = "no longer exists" if have is None else "has changed since the checkpoint was trained"
         raise InputError(f"the checkpoint's data {spec} {state}; pass --data to choose the data explicitly")
@@ -113,7 +135,7 @@ class Prepared:
     test: ArrayDataset
     truth: np.ndarray | None
     keep: np.ndarray | None
-    options: DataOptions
+    options: Any  # the kdfine.options.DataOptions the data was prepared from
     data_fingerprint: str | None = None  # see data_fingerprint()
     labels_sha256: str | None = None  # of the --labels file
 
@@ -135,15 +157,15 @@ class Prepared:
         return f"{len(self.train)} samples, sha256 {h.hexdigest()[:16]}"
 
 
-def prepare(opts: DataOptions, quiet: bool = False) -> Prepared:
-    """Load ``opts.data`` (digits when None; ``opts`` validated) and apply ``--labels``,
+def prepare(opts: Any, quiet: bool = False) -> Prepared:
+    """Load ``opts.data`` (a validated :class:`kdfine.options.DataOptions`; digits when None) and apply ``--labels``,
     ``--label-noise`` and ``--keep``; ``quiet``: no decode progress bar."""
     spec = opts.data or "digits"  # read as given (messages name what the user typed), recorded absolute
     noise = parse_noise(opts.label_noise)
-    fingerprint = data_fingerprint(spec)
     source = load_source(spec, root=opts.data_root, download=opts.download, image_size=opts.image_size,
                          test_fraction=opts.test_fraction, augment=opts.augment, resize=opts.resize,
                          strict=opts.strict, quiet=quiet)
+    fingerprint = source.fingerprint or data_fingerprint(spec)  # an image folder's comes from its decode
     train, truth = source.train, None
     if opts.labels:
         train = train.with_labels(read_labels(opts.labels, len(train), train.num_classes))
@@ -199,7 +221,7 @@ def validation_subset(train: ArrayDataset, val_index: np.ndarray) -> ArrayDatase
 
 
 def check_compatible(ckpt: Any, data: ArrayDataset, what: str = "--teacher") -> None:
-    """Exit 3 naming the field when a checkpoint (a :class:`kdfine.checkpoint.Checkpoint`)
+    """Exit 3 naming the field when a checkpoint (a :class:`kdfine.models.checkpoint.Checkpoint`)
     cannot run on ``data``."""
     meta, path = ckpt.meta, ckpt.path
     fields = [("num_classes", int(meta["num_classes"]), data.num_classes),

@@ -15,6 +15,7 @@ augmentation. Specs (``--data``):
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -23,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from kdfine.data import cache
+from kdfine.data import cache, decode, identity
 from kdfine.data.cache import cache_dir
+from kdfine.data.decode import RESIZE_MODES
 from kdfine.errors import InputError, KdfineWarning, UsageError
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "svhn")
 AUGMENTATIONS = ("crop-flip", "crop", "flip", "rrc-flip", "none")
-RESIZE_MODES = ("crop", "squash")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 __all__ = ["AUGMENTATIONS", "RESIZE_MODES", "ArrayDataset", "Source", "cache_dir", "load_source"]
@@ -82,13 +83,15 @@ class Source:
     """Both splits of a dataset. ``skipped``: the unreadable image files left out, as
     ``{"file", "reason"}`` (image folders; for ``--json``'s ``skipped``); ``info``: how an image
     folder was decoded (``image_size``, ``channels``, ``resize``, ``source_sizes`` -- the distinct
-    original WxH, at most 10 --, ``cache``: the entry's directory or None when decoded in memory)."""
+    original WxH, at most 10 (any source: the size of its arrays) --, ``cache``: the entry's
+    directory or None when decoded in memory)."""
 
     train: ArrayDataset
     test: ArrayDataset
     name: str  # e.g. "cifar10", "imagefolder"
     skipped: list[dict[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # an image folder's content fingerprint (kdfine.data.identity)
 
     def split(self, name: str) -> ArrayDataset:
         """``train`` or ``test`` (checked by :class:`kdfine.options.EvalOptions`)."""
@@ -120,16 +123,18 @@ def load_source(spec: str, *, root: str | os.PathLike | None = None, download: b
     kind, arg = parse_data_spec(spec)
     ftr = fte = None
     manifest: dict[str, Any] = {}
+    where = expand_path(arg, spec) if kind in ("imagefolder", "npz") else None
     if kind == "digits":
         xtr, ytr, xte, yte, classes = _digits()
     elif kind in TORCHVISION_SETS:
         xtr, ytr, xte, yte, classes = _torchvision(kind, Path(root) if root else default_data_root(), download)
     elif kind == "imagefolder":
-        manifest, a = _imagefolder(Path(arg).expanduser(), image_size, test_fraction, resize, strict, quiet)
+        manifest, a = _imagefolder(where, image_size, test_fraction, resize, strict, quiet)
         xtr, ytr, xte, yte, classes = a["train"], a["train_labels"], a["test"], a["test_labels"], manifest["classes"]
-        ftr, fte = manifest["splits"]["train"]["files"], manifest["splits"]["test"]["files"]
+        ftr, fte = manifest["files"]["train"], manifest["files"]["test"]
     else:
-        xtr, ytr, xte, yte, classes = _npz(Path(arg).expanduser(), test_fraction)
+        xtr, ytr, xte, yte, classes = _npz(where, test_fraction)
+    own = [f"{xtr.shape[2]}x{xtr.shape[1]}"]  # the arrays' size before any resize (W x H)
     if xtr.shape[1] != xtr.shape[2] or image_size is not None and image_size != xtr.shape[1]:
         size = image_size or min(xtr.shape[1:3])
         xtr, xte = _resize(xtr, size, resize), _resize(xte, size, resize)
@@ -142,8 +147,50 @@ def load_source(spec: str, *, root: str | os.PathLike | None = None, download: b
     aug = augment or default_augment(kind, xtr)
     make = lambda x, y, split, f: ArrayDataset(x, y.astype(np.int64), list(classes), mean, std, aug, spec, split, f)
     info = {k: manifest[k] for k in ("image_size", "channels", "resize", "source_sizes", "cache") if k in manifest}
+    info.setdefault("source_sizes", own)
     return Source(make(xtr, ytr, "train", ftr), make(xte, yte, "test", fte), kind,
-                  list(manifest.get("skipped", [])), info)
+                  list(manifest.get("skipped", [])), info, manifest.get("content"))
+
+
+def expand_path(arg: str, spec: str) -> Path:
+    """The PATH of a ``--data`` spec with ``~`` expanded; exit 2 when ``~`` cannot be (no home)."""
+    try:
+        return Path(arg).expanduser()
+    except RuntimeError:
+        raise UsageError(f"--data {spec}: cannot expand '~' (this user has no home directory); "
+                         "give the full path") from None
+
+
+def row_sources(ds: ArrayDataset, spec: str, *, test_fraction: float, resize: str,
+                data_root: str | None) -> dict[str, Any]:
+    """What a feature dump of ``ds`` records so that each row can be traced to its image: how the
+    split was made (``test_fraction``, ``resize``, ``data_root``) and, for an image folder ``spec``,
+    its ``root`` (absolute) and ``paths`` (each row's file, relative to the root)."""
+    out: dict[str, Any] = {"test_fraction": test_fraction, "resize": resize, "data_root": data_root}
+    kind, arg = parse_data_spec(spec)
+    if kind == "imagefolder" and ds.files is not None:
+        root = str(Path(arg).expanduser().resolve())
+        cut = len(root) + 1  # the decode records each file as the resolved root + its relative path
+        out.update(root=root, paths=[f[cut:] if f.startswith(root + os.sep) else os.path.relpath(f, root)
+                                     for f in map(str, ds.files)])
+    return out
+
+
+def split_arrays(spec: str, split: str, *, root: str | os.PathLike | None = None,
+                 test_fraction: float = 0.2) -> np.ndarray:
+    """The images (N, H, W, C) uint8 of one split of an array dataset (digits, npz, torchvision's)
+    as stored, not resized: the pixels of a dump's rows for the review page's thumbnails. Numpy only
+    for digits and npz (detect-noise stays torch-free); torchvision's sets load torchvision."""
+    kind, arg = parse_data_spec(spec)
+    if kind == "imagefolder":
+        raise ValueError("an image folder's rows are its files: decode them (kdfine.data.cache.decode_image)")
+    if kind == "digits":
+        xtr, _, xte, _, _ = _digits()
+    elif kind in TORCHVISION_SETS:
+        xtr, _, xte, _, _ = _torchvision(kind, Path(root) if root else default_data_root(), False)
+    else:
+        xtr, _, xte, _, _ = _npz(Path(arg).expanduser(), test_fraction)
+    return xtr if split == "train" else xte
 
 
 def default_augment(kind: str, images: np.ndarray) -> str:
@@ -155,20 +202,6 @@ def default_augment(kind: str, images: np.ndarray) -> str:
     if kind in ("cifar10", "cifar100"):
         return "crop-flip"
     return "crop-flip" if images.shape[3] == 3 and images.shape[1] >= 24 else "none"
-
-
-RRC_MIN_SIZE = 96  # below this, random-resized crops of photos lose too much; the built-in defaults stay
-
-
-def arch_augment(arch: str, image_size: int, dataset_default: str) -> str:
-    """The default training augmentation for ``arch``: rrc-flip for torchvision and timm archs
-    (``tv:NAME``, ``timm:NAME``) at ``image_size`` >= 96 px, the dataset's default otherwise.
-    Applies only when ``--augment`` was not given."""
-    from kdfine.models.zoo import is_zoo  # imports torch: only training, which has it, asks
-
-    if is_zoo(arch) and image_size >= RRC_MIN_SIZE:
-        return "rrc-flip"
-    return dataset_default
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -316,7 +349,7 @@ def _list_tree(root: Path) -> dict[str, list[str]]:
     return tree
 
 
-def _folder_splits(path: Path, test_fraction: float) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
+def folder_splits(path: Path, test_fraction: float) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
     """The files and labels of each split of an image folder, and the class names. A tree
     without ``test/`` (or with an empty one) is split by ``test_fraction``, stratified, seed 0."""
     if not path.is_dir():
@@ -345,7 +378,7 @@ def _first_size(files: list[str]) -> tuple[int, int] | None:
     """The upright (width, height) of the first file that PIL can read, or None."""
     for f in files:
         try:
-            return cache.probe(f)[1:]
+            return decode.probe(f)[1:]
         except MemoryError:
             raise
         except Exception:  # unreadable: decode_into will skip and list it
@@ -353,71 +386,166 @@ def _first_size(files: list[str]) -> tuple[int, int] | None:
     return None
 
 
-def _decode_folder(path: Path, splits: dict, key: str, image_size: int | None, resize: str,
-                   quiet: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _decode_folder(path: Path, splits: dict, tree: identity.Tree, key: str, image_size: int | None, resize: str,
+                   quiet: bool, content: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Decode every split of an image folder into cache entry ``key``: colour if any image is
     colour (decoded as RGB, reduced to one channel at the end if none was); unreadable files
-    skipped and listed in the manifest; without ``image_size`` all images must share one size."""
+    skipped and listed (by position) in the manifest; without ``image_size`` all images must share
+    one size. The tree's ``content`` fingerprint, when not known yet, is computed on the way."""
     first = _first_size([f for files, _ in splits.values() for f in files])
     require = None if image_size or first is None else first
-    spec = cache.DecodeSpec(image_size or (min(first) if first else 1), 3, resize)
-    prefix, base = len(str(path)), str(path.resolve())
-    manifest: dict[str, Any] = {"root": base, "image_size": spec.size, "resize": resize, "splits": {}, "skipped": []}
-    colour, sizes, arrays = False, set(), {}
+    spec = decode.DecodeSpec(image_size or (min(first) if first else 1), 3, resize)
+    manifest: dict[str, Any] = {"root": str(path.resolve()), "image_size": spec.size, "resize": resize, "splits": {}}
+    digests = None if content else np.zeros((len(tree.rel), 32), np.uint8)
+    where = np.empty(len(tree.order), np.int64)  # position in the listing -> position in the tree
+    where[tree.order] = np.arange(len(tree.order))
+    colour, sizes, arrays, offset = False, set(), {}, 0
     with cache.EntryWriter(key) as writer:
         for name, (files, labels) in splits.items():
             sink = writer.sink(name, (spec.size, spec.size, 3), len(files))
             try:
                 done = cache.decode_into(sink, files, spec, quiet=quiet, label=f"decoding {path.name}/{name}",
-                                         require=require)
+                                         require=require, digests=digests is not None)
             except cache.SizeMismatch as e:
                 raise InputError(f"--data imagefolder:{path}: images have different sizes ({e.expected[0]}x"
                                  f"{e.expected[1]} and {e.size[0]}x{e.size[1]}: {e.path}); pass --image-size N "
                                  "(shorter side resized to N, then centre-cropped; --resize squash stretches)") from None
+            if digests is not None:
+                digests[where[offset:offset + len(files)]] = done.digests
+            offset += len(files)
             arrays[name] = sink.finish()
             writer.add(name, arrays[name])
             writer.add(f"{name}_labels", labels[done.kept])
-            manifest["skipped"] += [{"file": str(files[i]), "reason": why} for i, why in done.skipped]
-            manifest["splits"][name] = {"files": [base + str(files[i])[prefix:] for i in done.kept],
+            writer.add(f"{name}_kept", done.kept)
+            skipped = [{"position": i, "file": files[i], "reason": why[:500]} for i, why in done.skipped]
+            manifest["splits"][name] = {"files": len(files), "skipped": skipped,
                                         "sums": done.sums.tolist(), "squares": done.squares.tolist()}
             colour, sizes = colour or done.colour, sizes | done.sizes
         if not colour:
             for name, split in manifest["splits"].items():
                 writer.grey(name, arrays[name])
                 split["sums"], split["squares"] = split["sums"][:1], split["squares"][:1]
-        manifest.update(channels=3 if colour else 1, source_sizes=sorted(f"{w}x{h}" for w, h in sizes)[:10])
+        manifest.update(channels=3 if colour else 1, source_sizes=sorted(f"{w}x{h}" for w, h in sizes)[:10],
+                        content=content or identity.combine(tree, digests))
         out = writer.commit(manifest)
         manifest["cache"] = str(writer.final) if writer.on_disk else None
     return manifest, out
 
 
+def _check_entry(manifest: dict[str, Any], arrays: dict[str, np.ndarray], *, path: Path, splits: dict,
+                 image_size: int | None, resize: str) -> None:
+    """Raise :class:`cache.Damaged` unless a cache entry describes a decode of this listing: its
+    fields, and per split the images (n, S, S, C) uint8, the labels (n,) equal to the listing's at
+    the kept positions (strictly increasing, in range), and every other file listed as skipped."""
+    s, c = manifest.get("image_size"), manifest.get("channels")
+    if (manifest.get("root") != str(path.resolve()) or manifest.get("resize") != resize or not isinstance(s, int)
+            or isinstance(s, bool) or s < 1 or image_size not in (None, s) or c not in (1, 3)):
+        raise cache.Damaged("the manifest's root, image size, resize mode or channels are not this decode's")
+    if not identity.is_content(manifest.get("content")) or not isinstance(manifest.get("source_sizes"), list):
+        raise cache.Damaged("the manifest has no content fingerprint or source sizes")
+    if not isinstance(manifest.get("splits"), dict) or set(manifest["splits"]) != set(splits):
+        raise cache.Damaged("the manifest's splits are not the folder's")
+    for name, (files, labels) in splits.items():
+        entry, images = manifest["splits"][name], arrays.get(name)
+        kept, got = arrays.get(f"{name}_kept"), arrays.get(f"{name}_labels")
+        missing = images is None or kept is None or got is None
+        if missing or not isinstance(entry, dict) or entry.get("files") != len(files):
+            raise cache.Damaged(f"the {name} split's record or arrays are missing")
+        n = len(kept)
+        if images.dtype != np.uint8 or images.shape != (n, s, s, c) or kept.shape != (n,) or kept.dtype != np.int64:
+            raise cache.Damaged(f"the {name} arrays have shapes {images.shape}, {kept.shape}, not ({n}, {s}, {s}, {c})")
+        if n and (kept[0] < 0 or kept[-1] >= len(files) or (np.diff(kept) <= 0).any()):
+            raise cache.Damaged(f"the {name} split's kept positions are not increasing positions of its files")
+        if got.shape != (n,) or got.dtype != np.int64 or not np.array_equal(got, labels[kept]):
+            raise cache.Damaged(f"the {name} labels are not the folder's")
+        _check_split_record(entry, name, files, c, kept)
+
+
+def _check_split_record(entry: dict[str, Any], name: str, files: list[str], channels: int, kept: np.ndarray) -> None:
+    """The skipped files complete the kept ones (each a file of the listing, at its position);
+    the pixel sums are ``channels`` non-negative numbers."""
+    skipped = entry.get("skipped")
+    ok = isinstance(skipped, list) and len(skipped) == len(files) - len(kept) and all(
+        isinstance(r, dict) and type(r.get("position")) is int and 0 <= r["position"] < len(files)
+        and r.get("file") == files[r["position"]] and isinstance(r.get("reason"), str) for r in skipped)
+    if not ok or np.isin([r["position"] for r in skipped], kept).any():
+        raise cache.Damaged(f"the {name} split's skipped files do not complete its kept ones")
+    for key in ("sums", "squares"):
+        v = entry.get(key)
+        if not (isinstance(v, list) and len(v) == channels and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf") for x in v)):
+            raise cache.Damaged(f"the {name} split's '{key}' are not {channels} non-negative numbers")
+
+
 def _imagefolder(path: Path, image_size: int | None, test_fraction: float, resize: str = "crop",
                  strict: bool = False, quiet: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """An image folder through the decode cache: the manifest and the arrays ``train``,
-    ``train_labels``, ``test``, ``test_labels`` (memory maps when cached)."""
-    splits, classes = _folder_splits(path, test_fraction)
-    params = {"root": str(path.resolve()), "image_size": image_size, "resize": resize, "test_fraction": test_fraction}
-    prefix = len(str(path)) + 1
-    key = cache.tree_key(((f"{s}/{str(f)[prefix:]}", f) for s, (fs, _) in splits.items() for f in fs), params)
-    hit = cache.open_entry(key)
+    """An image folder through the decode cache: the manifest (with ``files`` per split, from the
+    listing, and the tree's ``content`` fingerprint) and the arrays ``train``, ``train_labels``,
+    ``test``, ``test_labels`` (memory maps when cached). The entry is checked; one whose files
+    changed in place (same names, sizes and mtimes, other bytes) is decoded again."""
+    splits, classes = folder_splits(path, test_fraction)
+    listed = [(name, f) for name, (fs, _) in splits.items() for f in fs]
+    try:
+        tree = identity.stat_tree(path, [f for _, f in listed])
+    except FileNotFoundError as e:
+        raise InputError(f"--data imagefolder:{path}: {e.filename} vanished while the folder was read; "
+                         "run again") from None
+    params = {"root": str(path.resolve()), "image_size": image_size, "resize": resize, "test_fraction": test_fraction,
+              "max_pixels": decode.max_pixels()}  # another limit skips other files: another entry
+    key = cache.tree_key(tree, [f"{listed[i][0]}/{r}" for i, r in zip(tree.order.tolist(), tree.rel)], params)
+    store = fingerprint_store()
+    content = identity.recall(tree, store)
+    check = functools.partial(_check_entry, path=path, splits=splits, image_size=image_size, resize=resize)
+    hit = cache.open_entry(key, check)
+    if hit is not None:
+        content = content or identity.fingerprint(tree, store, cache.decode_workers())
+        if hit[0]["content"] != content:
+            warnings.warn(f"--data imagefolder:{path}: files were changed in place since they were decoded (same "
+                          "names, sizes and modification times); decoding them again", KdfineWarning, stacklevel=3)
+            hit = None
     if hit is not None:
         manifest, arrays = hit
         manifest["cache"] = str(cache.entry_dir(key))
     else:
-        manifest, arrays = _decode_folder(path, splits, key, image_size, resize, quiet)
+        manifest, arrays = _decode_folder(path, splits, tree, key, image_size, resize, quiet, content)
+        identity.remember(tree, store, manifest["content"])
     manifest["classes"] = classes
-    skipped = manifest["skipped"]
-    if skipped:
-        first = f"{skipped[0]['file']} ({skipped[0]['reason']})"
-        if strict:
-            raise InputError(f"--data imagefolder:{path}: {len(skipped)} unreadable image file(s), the first "
-                             f"{first}; remove them, or drop --strict to skip them")
-        warnings.warn(f"--data imagefolder:{path}: skipped {len(skipped)} unreadable image file(s), the first "
-                      f"{first}", KdfineWarning, stacklevel=3)
+    _listed_files(manifest, arrays, path, splits)
+    _report_skipped(manifest["skipped"], path, strict)
     for split in ("train", "test"):
         if len(arrays[split]) == 0 and splits[split][0]:
             raise InputError(f"--data imagefolder:{path}: the {split} split has no readable image")
     return manifest, arrays
+
+
+def fingerprint_store() -> Path:
+    """Where image folders' content fingerprints are remembered (:mod:`kdfine.data.identity`)."""
+    return cache_dir() / "fingerprints"
+
+
+def _listed_files(manifest: dict[str, Any], arrays: dict[str, np.ndarray], path: Path, splits: dict) -> None:
+    """``manifest['files']`` (per split, the decoded files as absolute paths) and
+    ``manifest['skipped']`` ({file, reason}), taken from this run's listing at the entry's
+    positions: a file name never comes from the cache."""
+    given, base = str(path), str(path.resolve())
+    prefix = len(given) if given != "." else -1  # the listing of "." names "train/...", not "./train/..."
+    manifest["files"], manifest["skipped"] = {}, []
+    for name, (files, _) in splits.items():
+        manifest["files"][name] = [base + (os.sep + files[i] if prefix < 0 else files[i][prefix:])
+                                   for i in arrays[f"{name}_kept"].tolist()]
+        manifest["skipped"] += [{"file": files[r["position"]], "reason": r["reason"]}
+                                for r in manifest["splits"][name]["skipped"]]
+
+
+def _report_skipped(skipped: list[dict[str, str]], path: Path, strict: bool) -> None:
+    if not skipped:
+        return
+    first = f"{skipped[0]['file']} ({skipped[0]['reason']})"
+    if strict:
+        raise InputError(f"--data imagefolder:{path}: {len(skipped)} unreadable image file(s), the first "
+                         f"{first}; remove them, or drop --strict to skip them")
+    warnings.warn(f"--data imagefolder:{path}: skipped {len(skipped)} unreadable image file(s), the first "
+                  f"{first}", KdfineWarning, stacklevel=4)
 
 
 def _npz(path: Path, test_fraction: float):

@@ -9,6 +9,8 @@ matched by name (a library's own names too: ``fc.weight`` of a torchvision ResNe
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -16,37 +18,80 @@ import torch
 from torch import nn
 
 from kdfine.errors import InputError, KdfineWarning
+from kdfine.files.inputs import regular_file
 
 _NESTED = ("state_dict", "model", "model_state_dict", "module")  # common wrappers of a state dict
 
 
 def read_state_dict(path: str | Path, what: str = "--init") -> tuple[dict[str, torch.Tensor], str]:
     """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file and the file's sha256; exit 3 for a
-    missing, unreadable or tensor-free file."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} {p}: no such file")
+    missing, special (a FIFO would block), unreadable or tensor-free file, and for a state dict
+    that is not names -> ordinary finite tensors (see :func:`check_tensors`)."""
+    p = regular_file(path, what, "a .safetensors, .pth or .pt file")
     suffix = p.suffix.lower()
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+        raise InputError(f"{what} {p}: expected a .safetensors, .pth or .pt file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{what} {p}: the file is empty; expected a state dict")
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
             sd = load_file(str(p), device="cpu")
-        elif suffix in (".pth", ".pt", ".bin"):
-            sd = torch.load(p, map_location="cpu", weights_only=True)
         else:
-            raise InputError(f"{what} {p}: expected a .safetensors, .pth or .pt file")
+            sd = torch.load(p, map_location="cpu", weights_only=True)
     except InputError:
         raise
-    except Exception as e:  # weights_only refuses pickled objects; damaged files fail to parse
-        raise InputError(f"{what} {p}: not a readable state dict ({str(e).splitlines()[0][:160]})") from None
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text or "safe_globals" in text:  # weights_only met a class: a pickled object
+            raise InputError(f"{what} {p}: holds pickled Python objects (a whole model saved with torch.save(model)?), "
+                             "which kdfine never loads; save the weights alone: torch.save(model.state_dict(), "
+                             "PATH), or a .safetensors file") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # torch's reason, after its long preamble
+        why = detail.group(1) if detail else _plain(e)
+        raise InputError(f"{what} {p}: not a readable state dict ({why})") from None
+    except Exception as e:  # damaged files fail to parse
+        raise InputError(f"{what} {p}: not a readable state dict ({_plain(e)})") from None
     for key in _NESTED:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not sd:
         raise InputError(f"{what} {p}: holds no state dict of tensors")
+    problem = check_tensors(sd)
+    if problem:
+        raise InputError(f"{what} {p}: {problem}; expected a state dict of ordinary finite tensors")
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     return {k.removeprefix("module."): v for k, v in sd.items()}, digest
+
+
+def check_tensors(sd: dict) -> str | None:
+    """What is wrong with ``sd`` as a state dict, or None: every key a string, every value a dense
+    tensor with storage (not meta, sparse or quantized), every float tensor finite."""
+    for k, v in sd.items():
+        name = repr(k)[:60]
+        if not isinstance(k, str):
+            return f"key {name} is not a name"
+        if not isinstance(v, torch.Tensor):
+            return f"{name} is a {type(v).__name__}, not a tensor"
+        if v.layout != torch.strided or v.is_meta or v.is_quantized:
+            kind = "meta" if v.is_meta else "quantized" if v.is_quantized else str(v.layout).removeprefix("torch.")
+            return f"tensor {name} is {kind}"
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"tensor {name} holds NaN or inf"
+        if v.is_complex():
+            return f"tensor {name} is complex"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+
+
+def _plain(e: Exception) -> str:
+    """The first line of an exception's message, without terminal colour codes, at most 160 chars."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return (text.splitlines()[0][:160] if text else type(e).__name__)
 
 
 def _model_key(key: str, model: nn.Module, own: dict[str, torch.Tensor]) -> str | None:
@@ -55,7 +100,7 @@ def _model_key(key: str, model: nn.Module, own: dict[str, torch.Tensor]) -> str 
     if key in own:
         return key
     alias = getattr(model, "head_alias", None)
-    if alias and key.startswith(alias + "."):
+    if alias and key.startswith(alias + ".") and "head." + key[len(alias) + 1:] in own:
         return "head." + key[len(alias) + 1:]
     if "backbone." + key in own:
         return "backbone." + key
@@ -72,23 +117,24 @@ def load_init(model: nn.Module, path: str | Path) -> str:
     own = model.state_dict()
     ignored = tuple(getattr(model, "ignored", ()))
     mapped: dict[str, torch.Tensor] = {}
-    extra, wrong = [], []
+    extra, wrong, head_wrong = [], [], []
     for k, v in sd.items():
         target = _model_key(k, model, own)
         if target is None:
             if not (ignored and k.startswith(ignored)):
                 extra.append(k)
         elif own[target].shape != v.shape:
-            wrong.append(f"{k} {tuple(v.shape)} vs {tuple(own[target].shape)}")
+            (head_wrong if target.startswith("head.") else wrong).append(f"{k} {tuple(v.shape)} vs "
+                                                                         f"{tuple(own[target].shape)}")
+        elif own[target].is_floating_point() != v.is_floating_point():
+            wrong.append(f"{k} holds {str(v.dtype).removeprefix('torch.')}, not "
+                         f"{str(own[target].dtype).removeprefix('torch.')}")
         else:
             mapped[target] = v
-    missing = [k for k in own if k not in mapped]
-    head_wrong = [w for w in wrong if _model_key(w.split(" ")[0], model, own).startswith("head.")]
-    head_missing = [k for k in missing if k.startswith("head.")]
-    wrong = [w for w in wrong if w not in head_wrong]
-    missing = [k for k in missing if not k.startswith("head.")]
+    head_missing = [k for k in own if k not in mapped and k.startswith("head.")]
+    missing = [k for k in own if k not in mapped and not k.startswith("head.")]
     if extra or wrong or missing:
-        from kdfine.checkpoint import mismatch
+        from kdfine.models.checkpoint import mismatch
 
         raise InputError(f"--init {path}: does not fit the network ({mismatch(missing, extra, wrong)})")
     with torch.no_grad():

@@ -4,7 +4,7 @@ The library's network keeps everything up to its final linear classifier; that l
 new ``Linear(D, K)`` head for the data's K classes, so ``features(x)`` (B, D) is the input of the
 final linear layer (timm: ``forward_head(forward_features(x), pre_logits=True)``, which is what a
 timm model built with ``num_classes=0`` returns). The registry builds them with random weights,
-which is also how :func:`kdfine.checkpoint.load` rebuilds one (no network access);
+which is also how :func:`kdfine.models.checkpoint.load` rebuilds one (no network access);
 :func:`build_pretrained` loads the library's default weights through the library's own cache.
 
 torchvision is a dependency; timm is the optional extra ``timm``.
@@ -110,22 +110,19 @@ def tv_weights(name: str) -> tuple[Weights, str]:
     return Weights(f"torchvision {w}", tuple(t.mean), tuple(t.std), int(t.crop_size[0])), w.url
 
 
-def _tv_state_dict(name: str) -> tuple[dict[str, torch.Tensor], Weights]:
-    """The DEFAULT weights of ``name`` from TORCH_HOME's hub cache (``<hub>/checkpoints/FILE``),
-    downloaded there when absent; exit 3 naming the file and directory when that fails."""
-    from urllib.parse import urlparse
+def tv_weights_file(name: str) -> Path:
+    """The DEFAULT weights file of ``name`` in TORCH_HOME's hub cache (``<hub>/checkpoints/FILE``),
+    downloaded there when absent and checked against the hash in its name
+    (:func:`kdfine.models.hub.tv_file`); exit 3 naming the file and the fix."""
+    from kdfine.models.hub import tv_file
 
-    weights, url = tv_weights(name)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    path = folder / Path(urlparse(url).path).name
-    if not path.is_file():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), progress=False)
-        except Exception as e:  # offline, proxy, disk: all mean the same to the user
-            path.unlink(missing_ok=True)
-            raise InputError(f"--pretrained tv:{name}: weights file {path.name} is not in {folder} and could not "
-                             f"be downloaded ({type(e).__name__}); copy {url} there") from None
+    return tv_file(name, tv_weights(name)[1], Path(torch.hub.get_dir()))
+
+
+def _tv_state_dict(name: str) -> tuple[dict[str, torch.Tensor], Weights]:
+    """The DEFAULT weights of ``name`` (:func:`tv_weights_file`) as a state dict."""
+    weights = tv_weights(name)[0]
+    path = tv_weights_file(name)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -247,23 +244,37 @@ def _timm_create(name: str, c: int, s: int, pretrained: bool) -> nn.Module:
             return net
 
 
+def timm_weights_file(name: str) -> str | None:
+    """The local file of timm's default pretrained weights of ``name`` from the Hugging Face cache,
+    checked, or downloaded when the hub answers (:func:`kdfine.models.hub.timm_file`); None for
+    weights that timm fetches from a URL itself. Exit 3 at once when they cannot be had."""
+    from kdfine.models.hub import timm_file
+
+    timm = _timm_check(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    return timm_file(name, cfg.hf_hub_id, cfg.hf_hub_filename)
+
+
 def _timm_call(timm: Any, name: str, pretrained: bool, kw: dict[str, Any]) -> nn.Module:
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kw)
+    local = timm_weights_file(name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return timm.create_model(name, pretrained=True, **kw)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": local} if local else None,
+                                     **kw)
     except TypeError:
         raise
     except Exception as e:
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        cfg = timm.models.get_pretrained_cfg(name)
-        where = f"Hugging Face repo {cfg.hf_hub_id}" if cfg is not None and cfg.hf_hub_id else "its URL"
-        raise InputError(f"--pretrained timm:{name}: weights from {where} (model.safetensors) are not in the "
-                         f"cache {HF_HUB_CACHE} and could not be downloaded ({type(e).__name__}); run once "
-                         "online or set HF_HOME to a cache that has them") from None
+        what = f"{local} is not a readable weights file" if local else "its weights could not be downloaded"
+        raise InputError(f"--pretrained timm:{name}: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"delete it from {HF_HUB_CACHE} to fetch it again, or set HF_HOME to a cache that has "
+                         "it") from None
 
 
 def _timm_build(name: str, k: int, c: int, s: int, pretrained: bool = False) -> ZooClassifier:
@@ -276,6 +287,16 @@ def _timm_build(name: str, k: int, c: int, s: int, pretrained: bool = False) -> 
 
 
 # ------------------------------------------------------------------------------------ the API
+
+
+def pretrained_file(arch: str) -> str | None:
+    """The file ``--pretrained`` will load for ``arch``, found (or downloaded) and verified now,
+    before any data loads; None for timm weights fetched from a URL by timm itself."""
+    prefix, name = split_arch(arch) or ("", arch)
+    if prefix == "tv":
+        return str(tv_weights_file(name))
+    pretrained_weights(arch)  # a usage error for weights that do not exist
+    return timm_weights_file(name)
 
 
 def pretrained_weights(arch: str) -> Weights:

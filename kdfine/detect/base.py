@@ -1,0 +1,103 @@
+"""What every detector returns and shares: the :class:`Detection`, the per-class report, the
+registry of detectors by name (``detect-noise --method``), and label checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdfine.errors import KdfineWarning
+from kdfine.registry import Registry
+
+#: Detectors by name, registered where they are defined: ``fn(features, labels, num_classes, *,
+#: zeta, seed, vectors_from, logits, chunk) -> Detection``; ``logits=True`` when a detector reads them.
+DETECTORS: Registry = Registry("detection method")
+
+
+class FineWarning(KdfineWarning):
+    """A class that could not be split and was kept whole."""
+
+
+class NonFiniteLogits(ValueError):
+    """The logits hold NaN or inf."""
+
+
+class NonFiniteFeatures(ValueError):
+    """The features hold NaN or inf (``row``: the first such row, when the pass that noticed knows
+    it). Found by the passes themselves, at no extra cost: a non-finite entry makes its class gram
+    and its own norm non-finite."""
+
+    def __init__(self, row: int | None = None):
+        super().__init__("features contain NaN or inf" + (f" (row {row})" if row is not None else ""))
+        self.row = row
+
+
+@dataclass
+class ClassSplit:
+    label: int
+    total: int
+    kept: int
+    threshold: float  # the lowest score that was kept (nan when nothing was kept)
+    note: str = ""
+
+
+@dataclass
+class Detection:
+    """The result of :func:`detect`: indices kept as clean (sorted), per-sample scores and
+    P(clean), the class vectors (K, D) and the per-class report; ``detail`` holds what the
+    method chose (auto: the signals' weights and separations; knn: k and the reference size)."""
+
+    clean_index: np.ndarray
+    scores: np.ndarray
+    p_clean: np.ndarray
+    vectors: np.ndarray | None
+    classes: list[ClassSplit] = field(default_factory=list)
+    method: str = "gmm"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keep(self) -> np.ndarray:
+        m = np.zeros(self.scores.shape[0], bool)
+        m[self.clean_index] = True
+        return m
+
+    def summary(self) -> dict[str, Any]:
+        n = int(self.scores.shape[0])
+        out = {"method": self.method, "n": n, "kept": int(self.clean_index.size),
+               "kept_fraction": self.clean_index.size / n if n else 0.0,
+               "estimated_noise_rate": 1.0 - self.clean_index.size / n if n else 0.0,
+               "classes": [c.__dict__ for c in self.classes]}
+        if self.detail:
+            out[self.method] = self.detail
+        return out
+
+
+def class_report(keep: np.ndarray, scores: np.ndarray, labels: np.ndarray, k: int, note: str = "") -> list[ClassSplit]:
+    """One :class:`ClassSplit` per class present, from a keep mask and scores (N,)."""
+    out = []
+    for c in range(k):
+        m = labels == c
+        if m.any():
+            kept = keep & m
+            out.append(ClassSplit(c, int(m.sum()), int(kept.sum()),
+                                  float(scores[kept].min()) if kept.any() else float("nan"), note))
+    return out
+
+
+def is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def as_labels(labels) -> np.ndarray:
+    if is_torch(labels):
+        labels = labels.detach().cpu().numpy()
+    return np.asarray(labels, dtype=np.int64)
+
+
+def check_labels(labels: np.ndarray, n: int, num_classes: int) -> None:
+    if labels.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},), got {labels.shape}")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")

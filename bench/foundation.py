@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The two numbers the README quotes for ``train-teacher`` out of the box.
+"""The two numbers docs/at-scale.md quotes for ``train-teacher`` out of the box.
 
 1. ``digits``: ``kdfine train-teacher --out t.safetensors`` with no other option (the embedded
    digits data, ``cnn``, 30 epochs, CPU): wall time of the whole command, start-up included, and

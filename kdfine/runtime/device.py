@@ -77,7 +77,7 @@ def autocast(device: torch.device, precision: str):
 
 def use_channels_last(option: str, device: torch.device) -> bool:
     """``auto``: channels_last on CUDA and CPU, where convolutions run measurably faster in it
-    (see the README's Performance section); ``on``/``off`` force it."""
+    (see docs/at-scale.md, Performance); ``on``/``off`` force it."""
     if option not in CHANNELS_LAST:
         raise UsageError(f"--channels-last '{option}': expected {', '.join(CHANNELS_LAST)}")
     return option == "on" or (option == "auto" and device.type in ("cuda", "cpu"))
@@ -113,7 +113,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def teacher_precision(precision: str, device: torch.device) -> str:
     """The precision of frozen teachers' forward passes: as :func:`resolve_precision`, except that
     ``auto`` on a CPU with native bf16 arithmetic (AVX512-BF16, AMX, Arm BF16) is bf16. There a
-    teacher's forward runs twice as fast in bf16 (the README's Performance section), its logits
+    teacher's forward runs twice as fast in bf16 (docs/at-scale.md, Performance), its logits
     move by a fraction of a percent, and the student's arithmetic follows :func:`training_precision`."""
     if precision == "auto" and device.type == "cpu" and cpu_has_bf16():
         return "bf16"

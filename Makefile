@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kdfine-installed
 # A pinned pair that pip serves from the local cache; pyproject.toml itself only asks torch>=2.4.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test groff chromium completions man clean-venv
+.PHONY: demo test groff chromium jq completions man clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/pipeline.sh
 
 # One worker per core, each test file on one worker (its module fixtures run once).
-test: $(STAMP) groff chromium
+test: $(STAMP) groff chromium jq
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # tests/test_man.py renders the man pages with groff (Debian's groff-base, present on most systems).
@@ -34,6 +34,11 @@ groff:
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium for the review page tests" >&2; \
 	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }
+
+# tests/test_docs.py runs the guide's examples, some of which pipe --json into jq (Debian's jq).
+jq:
+	@command -v jq >/dev/null 2>&1 || { echo "installing jq for the guide's examples" >&2; \
+	  apt-get install -y -qq jq >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq jq; }; }
 
 completions: $(STAMP)
 	$(BIN)/python scripts/gen_completions.py

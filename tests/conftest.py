@@ -1,14 +1,19 @@
-"""Shared fixtures: run the real CLI in a subprocess, small trained checkpoints, tiny image folders."""
+"""Shared fixtures: run the real CLI (in this process, or in a subprocess where the process
+boundary is what a test checks), small trained checkpoints, tiny image folders."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -33,6 +38,60 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
                           text=True, env=cli_env(env), cwd=cwd, timeout=timeout)
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` as :func:`cli_env` would give a subprocess (plus ``env``), put back after."""
+    saved = dict(os.environ)
+    os.environ.pop("KDFINE_DEBUG", None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _text_stream(text: str = "") -> io.TextIOWrapper:
+    """A text stream with a byte ``buffer`` under it, like a real sys.stdout (CSV goes to the buffer)."""
+    return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline="")
+
+
+def run_kdfine(*args: str, input: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``kdfine ARGS`` through the console entry point :func:`kdfine.cli.main`, in this process:
+    the same parsing, error-to-exit-code mapping, stdout and stderr as ``python -m kdfine``
+    without the interpreter start (2-3 s of torch import). stdin is ``input`` (empty by default),
+    ``env`` is added to the environment, ``cwd`` is the working directory; all are put back after,
+    with kdfine's CLI state and the warning filters. Returns what :func:`run_cli` returns
+    (``timeout`` is accepted for the same signature and not enforced)."""
+    import importlib
+
+    from kdfine.cli import main
+
+    cli_app = importlib.import_module("kdfine.cli.app")  # the module: kdfine.cli.app is also the Typer app's name
+
+    argv, streams, state, here = sys.argv, (sys.stdin, sys.stdout, sys.stderr), dict(cli_app._state), os.getcwd()
+    out, err = _text_stream(), _text_stream()
+    code: int | str | None = 0
+    with _environment(env or {}), warnings.catch_warnings():
+        sys.argv = ["kdfine", *map(str, args)]
+        sys.stdin, sys.stdout, sys.stderr = io.StringIO(input or ""), out, err
+        try:
+            os.chdir(cwd or here)
+            main()
+        except SystemExit as e:
+            code = e.code
+        finally:
+            out.flush(), err.flush()
+            sys.argv, (sys.stdin, sys.stdout, sys.stderr) = argv, streams
+            cli_app._state.clear()
+            cli_app._state.update(state)
+            os.chdir(here)
+    code = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["kdfine", *map(str, args)], code, out.buffer.getvalue().decode(),
+                                       err.buffer.getvalue().decode())
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets the same throwaway KDFINE_CACHE, never the user's ~/.cache/kdfine."""
@@ -42,7 +101,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def cli():
-    return run_cli
+    """The CLI in this process (:func:`run_kdfine`); tests of the process boundary use :func:`run_cli`."""
+    return run_kdfine
 
 
 @pytest.fixture(scope="session")

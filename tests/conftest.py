@@ -114,8 +114,8 @@ def session_dir(tmp_path_factory) -> Path:
 def digits_teacher(session_dir) -> Path:
     """A cnn teacher trained on digits for 6 epochs (about 3 s): shared by many tests."""
     out = session_dir / "teacher.safetensors"
-    r = run_cli("train-teacher", "--epochs", "6", "--out", out, "-q",
-                env={"KDFINE_CACHE": str(session_dir / "cache")})
+    r = run_kdfine("train-teacher", "--epochs", "6", "--out", out, "-q",
+                   env={"KDFINE_CACHE": str(session_dir / "cache")})
     assert r.returncode == 0, r.stderr
     return out
 
@@ -125,10 +125,10 @@ def noisy_dump(session_dir) -> Path:
     """A teacher trained on digits with sym:0.4 noise, and its feature dump of the training split."""
     ck = session_dir / "noisy.safetensors"
     env = {"KDFINE_CACHE": str(session_dir / "cache")}
-    r = run_cli("train-teacher", "--label-noise", "sym:0.4", "--epochs", "8", "--out", ck, "-q", env=env)
+    r = run_kdfine("train-teacher", "--label-noise", "sym:0.4", "--epochs", "8", "--out", ck, "-q", env=env)
     assert r.returncode == 0, r.stderr
     dump = session_dir / "features.npy"
-    r = run_cli("eval", "--model", ck, "--split", "train", "--dump-features", dump, "-q", env=env)
+    r = run_kdfine("eval", "--model", ck, "--split", "train", "--dump-features", dump, "-q", env=env)
     assert r.returncode == 0, r.stderr
     return dump
 

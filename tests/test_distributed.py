@@ -24,7 +24,8 @@ from kdfine.data.batches import TrainBatches
 
 TIMEOUT = 240  # a hang shows up as a timeout, never as a stuck test run
 ENV = {"OMP_NUM_THREADS": "1"}
-TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "4", "--seed", "5", "--device", "cpu"]
+# --bn-stats recompute: the BatchNorm re-estimation under torchrun is checked on the same run
+TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "4", "--seed", "5", "--device", "cpu", "--bn-stats", "recompute"]
 
 
 def torchrun(*args, input: str | None = None) -> subprocess.CompletedProcess:
@@ -218,7 +219,7 @@ def test_teardown_leaves_no_backend_thread_for_interpreter_exit(tmp_path):
     assert (tmp_path / "ok.safetensors").exists()
 
 
-def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(tmp_path):
+def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(runs):
     """--bn-stats recompute with 2 processes: each takes half of every global batch and the ranks'
     averages are averaged, so the first layer's running means are those of one process on the same
     batches; deeper layers see inputs normalised by half batches, hence close, not equal, values."""
@@ -226,10 +227,7 @@ def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(tmp_pat
     from kdfine.models import checkpoint
     from kdfine.train import batchnorm
 
-    out = tmp_path / "bn.safetensors"
-    r = torchrun("train-teacher", "--arch", "mlp", "--epochs", "1", "--seed", "5", "--device", "cpu",
-                 "--bn-stats", "recompute", "--out", out)
-    assert r.returncode == 0, r.stderr
+    r, out = runs["ddp_train"], runs["dir"] / "ddp.safetensors"
     assert sum("BatchNorm statistics re-estimated on" in ln for ln in r.stderr.splitlines()) == 1  # rank 0 says it
     ddp = checkpoint.load(out)
     one = checkpoint.load(out)

@@ -18,6 +18,14 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+# One OpenMP/BLAS thread per test process and per command it starts (a value set by the caller is
+# kept): `make test` runs one worker per core, and pools that spin for work on cores the other
+# worker is using made an epoch of the digits cnn 15x slower (6.0 s against 0.4 s). The networks
+# of the tests are tiny; one thread is what they run fastest on anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -25,7 +33,7 @@ CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("KDFINE_DEBUG", None)
     env.update(extra or {})
     return env
@@ -36,6 +44,16 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     """``python -m kdfine ARGS`` in a subprocess; returns the completed process (text mode)."""
     return subprocess.run([sys.executable, "-m", "kdfine", *map(str, args)], input=input, capture_output=True,
                           text=True, env=cli_env(env), cwd=cwd, timeout=timeout)
+
+
+def torchrun(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m kdfine -- ARGS`` on CPU, one thread per process
+    (the ``--`` keeps torchrun's own parser away from kdfine's options). A hang shows up as a
+    timeout, never as a stuck test run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "kdfine", "--", *map(str, args)]
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, env=cli_env({"OMP_NUM_THREADS": "1"}),
+                          timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, torchrun
 from kdfine.runtime import distributed
 from kdfine.data.batches import TrainBatches
 
@@ -26,14 +26,6 @@ TIMEOUT = 240  # a hang shows up as a timeout, never as a stuck test run
 ENV = {"OMP_NUM_THREADS": "1"}
 # --bn-stats recompute: the BatchNorm re-estimation under torchrun is checked on the same run
 TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "4", "--seed", "5", "--device", "cpu", "--bn-stats", "recompute"]
-
-
-def torchrun(*args, input: str | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m kdfine -- ARGS`` (the ``--`` keeps torchrun's
-    own parser away from kdfine's options)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdfine", "--", *map(str, args)]
-    return subprocess.run(cmd, input=input, capture_output=True, text=True, env=cli_env(ENV), timeout=TIMEOUT)
 
 
 def single(*args, input: str | None = None) -> subprocess.CompletedProcess:

@@ -1,21 +1,19 @@
 """FINE's three applications end to end (``--fine-strategy select|coteach|dividemix``, with
-``--loss gce|sce``): real CLI runs on digits whose checkpoints eval, info and distill read; the log
-and the record of both networks; resume of a two-network run after SIGKILL is bit-identical;
-torchrun with 2 CPU processes runs each strategy."""
+``--loss gce|sce``): CLI runs on digits (in process) whose checkpoints eval, info and distill read;
+the log and the record of both networks; resume of a two-network run after SIGKILL is
+bit-identical (real processes); torchrun with 2 CPU processes runs each strategy."""
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from conftest import cli_env, run_cli
+from conftest import run_cli, run_kdfine, torchrun
 from test_resume import BASE as RESUME_BASE
 from test_resume import Run, assert_same_weights, state_of
 
@@ -28,12 +26,6 @@ RUNS = {"select": ["--loss", "gce"], "coteach": ["--fine-strategy", "coteach", "
 LOSS_OF = {"select": "gce", "coteach": "sce", "dividemix": "ce"}
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdfine", "--", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(ENV), timeout=TIMEOUT)
-
-
 def meta_of(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
@@ -41,17 +33,10 @@ def meta_of(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Each strategy trained for 3 epochs (selections before epochs 2 and 3), side by side."""
+    """Each strategy trained for 3 epochs (selections before epochs 2 and 3), in process."""
     d = tmp_path_factory.mktemp("strategies")
-
-    def train(name):
-        out = d / f"{name}.safetensors"
-        r = run_cli(*TRAIN, *RUNS[name], "--out", out, "--log", d / f"{name}.jsonl", "--json", env=ENV,
-                    timeout=TIMEOUT)
-        return name, r
-
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(pool.map(train, RUNS))
+    results = {name: run_kdfine(*TRAIN, *RUNS[name], "--out", d / f"{name}.safetensors", "--log", d / f"{name}.jsonl",
+                                "--json", env=ENV) for name in RUNS}
     for name, r in results.items():
         assert r.returncode == 0, f"{name}: {r.stderr}"
     return d, results

@@ -188,8 +188,9 @@ def run(*args):
         code = 0
     except SystemExit as e:
         code = e.code
-    print(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}",
-          file=sys.stderr, flush=True)
+    # one write per line: both ranks share the pipe, and print's separate newline let lines run together
+    sys.stderr.write(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}\n")
+    sys.stderr.flush()
 
 train = ["train-teacher", "--arch", "mlp", "--epochs", "1", "--device", "cpu", "-q", "--out"]
 run(*train, sys.argv[1])

@@ -1,6 +1,7 @@
 """Machine-readable output: with --json every command prints exactly one JSON document on stdout
 and nothing else; -q leaves stderr empty unless there is an error; progress bars appear only
-when stderr is a terminal."""
+when stderr is a terminal. Each command's success runs as a real process (whatever writes to its
+stdout descriptor counts); the error documents are checked in process."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_kdfine
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_json_shapes(runs):
 
 
 def test_quiet_still_reports_errors_in_one_line(tmp_path):
-    r = run_cli("plot-log", tmp_path / "missing.jsonl", "-o", tmp_path / "x.png", "--json", "-q")
+    r = run_kdfine("plot-log", tmp_path / "missing.jsonl", "-o", tmp_path / "x.png", "--json", "-q")
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1 and "missing.jsonl" in r.stderr
     # --json: stdout still holds one JSON document, the error, with the exit code and the stderr line's message
@@ -83,14 +84,15 @@ def test_quiet_still_reports_errors_in_one_line(tmp_path):
 
 
 def test_a_usage_error_under_json_is_a_json_document_too(tmp_path):
-    r = run_cli("detect-noise", "--features", tmp_path / "f.npy", "--out", tmp_path / "k.csv", "--zeta", "2", "--json")
+    r = run_kdfine("detect-noise", "--features", tmp_path / "f.npy", "--out", tmp_path / "k.csv", "--zeta", "2",
+                   "--json")
     assert r.returncode == 2 and json.loads(r.stdout)["error"]["kind"] == "usage" and "--zeta" in r.stderr
-    r = run_cli("eval", "--model", tmp_path / "m.safetensors", "--split", "bogus", "--json")  # refused by the parser
+    r = run_kdfine("eval", "--model", tmp_path / "m.safetensors", "--split", "bogus", "--json")  # refused by the parser
     assert r.returncode == 2 and "bogus" in json.loads(r.stdout)["error"]["message"]
 
 
 def test_csv_and_json_cannot_share_stdout(noisy_dump):
-    r = run_cli("detect-noise", "--features", noisy_dump, "--out", "-", "--json")
+    r = run_kdfine("detect-noise", "--features", noisy_dump, "--out", "-", "--json")
     assert r.returncode == 2 and "--json" in r.stderr
     assert list(json.loads(r.stdout)) == ["error"]  # no CSV: the error document alone
 

@@ -15,9 +15,6 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import pytest
-
 # One OpenMP/BLAS thread per test process and per command it starts (a value set by the caller is
 # kept): `make test` runs one worker per core, and pools that spin for work on cores the other
 # worker is using made an epoch of the digits cnn 15x slower (6.0 s against 0.4 s). The networks
@@ -25,6 +22,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# imported after the setting above: numpy's BLAS reads the thread count when it loads
+import numpy as np
+import pytest
+from PIL import Image as PillowImage
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -110,6 +112,17 @@ def run_kdfine(*args: str, input: str | None = None, env: dict[str, str] | None 
                                        err.buffer.getvalue().decode())
 
 
+PILLOW_MAX_PIXELS = PillowImage.MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(autouse=True)
+def _pillow_limit():
+    """Every test starts with Pillow's own pixel limit, as a new kdfine process does: kdfine raises
+    that process-wide setting to a larger KDFINE_MAX_PIXELS, and the message for a decompression
+    bomb then takes its other form (test_decode before test_ship in one process failed on it)."""
+    PillowImage.MAX_IMAGE_PIXELS = PILLOW_MAX_PIXELS
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets the same throwaway KDFINE_CACHE, never the user's ~/.cache/kdfine."""
@@ -182,6 +195,56 @@ def bomb_png(path: Path, w: int = 20000, h: int = 20000) -> Path:
     return path
 
 
+def gradient_image(w: int, h: int, seed: int) -> np.ndarray:
+    """An RGB image whose content tells up from down and left from right (so orientation shows)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 128 + 0 * x], -1)
+    return np.clip(a + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
+
+
+def _exif_jpeg(path: Path, orientation: int, seed: int) -> None:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(gradient_image(40, 24, seed)).save(path, exif=exif, quality=95)
+
+
+def awkward_images(d: Path, seed: int, colour: bool = True) -> None:
+    """Every kind of file that decodes differently when done carelessly, into folder ``d``."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    g = gradient_image(30, 18, seed)
+    grey16 = (np.linspace(0, 65535, 24 * 20).reshape(20, 24)).astype(np.uint16)
+    Image.fromarray(grey16).save(d / "grey16.png")
+    Image.fromarray(g[..., 0]).save(d / "grey.png")
+    alpha = np.where(np.arange(30) < 15, 0, 255)[None, :].repeat(18, 0)
+    Image.fromarray(np.dstack([g[..., 1], alpha]).astype(np.uint8)).save(d / "grey_alpha.png")  # LA
+    bomb_png(d / "bomb.png")
+    if not colour:
+        return
+    for o in (3, 6, 8):
+        _exif_jpeg(d / f"exif{o}.jpg", o, seed + o)
+    rgba = np.dstack([g, np.where(np.arange(30) < 10, 0, 255)[None, :].repeat(18, 0)]).astype(np.uint8)
+    Image.fromarray(rgba).save(d / "rgba.png")
+    pal = Image.fromarray(g).convert("P", palette=Image.ADAPTIVE, colors=8)
+    pal.info["transparency"] = 0
+    pal.save(d / "palette.png", transparency=0)
+    Image.fromarray(g).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    Image.fromarray(gradient_image(50, 20, seed + 1)).save(d / "wide.png")
+    Image.fromarray(gradient_image(400, 300, seed + 2)).save(d / "big.jpg", quality=90)
+
+
+def awkward_folder(root: Path, colour: bool) -> Path:
+    """An ImageFolder tree (train/test, classes a and b) of :func:`awkward_images`."""
+    for split in ("train", "test"):
+        for ci, c in enumerate(("a", "b")):
+            awkward_images(root / split / c, seed=10 * ci + (split == "test"), colour=colour)
+    return root
+
+
 def digits_slice(n_train: int, n_test: int = 100):
     """The first ``n_train`` training and ``n_test`` test images of digits (8x8 grey, 10 classes),
     for in-process training tests."""
@@ -217,6 +280,69 @@ def stop_after(n: int):
                 raise KeyboardInterrupt
 
     return StopAfter(quiet=True)
+
+
+def state_of(out: Path) -> Path:
+    """The resume state beside the checkpoint ``out``."""
+    return Path(f"{out}.state.safetensors")
+
+
+def saved_epoch(out: Path) -> int:
+    """The last complete epoch recorded in the resume state beside ``out`` (0 when there is none,
+    or while it is being renamed into place)."""
+    from safetensors import safe_open
+
+    path = state_of(out)
+    if not path.exists():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(json.loads(f.metadata()["kdfine_state"])["epoch"])
+    except Exception:  # caught mid-rename: not yet
+        return 0
+
+
+class Run:
+    """``python -m kdfine ARGS --out OUT --log LOG`` in the background (one thread), to be stopped
+    with a signal once it is inside a given epoch."""
+
+    def __init__(self, args: list[str], out: Path, log: Path, timeout: float = 300):
+        self.out, self.log, self.timeout = out, log, timeout
+        self.proc = subprocess.Popen([sys.executable, "-m", "kdfine", *map(str, args), "--out", str(out),
+                                      "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=cli_env())
+
+    def stop_inside_epoch(self, epoch: int, sig: int) -> subprocess.CompletedProcess:
+        """Wait until epoch ``epoch - 1`` is saved (the state file is the event), let epoch
+        ``epoch`` run for a third of an epoch's time, then send ``sig``; returns the finished process."""
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        while saved_epoch(self.out) < epoch - 1:
+            assert self.proc.poll() is None, f"run ended early: {self.proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.02)
+        seconds = json.loads(self.log.read_text().splitlines()[-1])["time_s"]
+        time.sleep(0.3 * seconds)
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=self.timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Every tensor of the two checkpoints is equal (torch.equal), and they hold the same names."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"tensors differ after resume: {different[:5]}"
 
 
 def read_json(text: str):

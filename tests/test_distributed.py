@@ -189,7 +189,7 @@ def run(*args):
     except SystemExit as e:
         code = e.code
     # one write per line: both ranks share the pipe, and print's separate newline let lines run together
-    sys.stderr.write(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}\n")
+    sys.stderr.write(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}\\n")
     sys.stderr.flush()
 
 train = ["train-teacher", "--arch", "mlp", "--epochs", "1", "--device", "cpu", "-q", "--out"]

@@ -10,6 +10,7 @@ import os
 import pty
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,25 +20,30 @@ from conftest import cli_env, run_cli, run_kdfine
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_teacher, noisy_dump):
-    """Each command once with --json (and -q), from one small pipeline; name -> (args, result)."""
+    """Each command once with --json (and -q), from one small pipeline, two processes at a time
+    (the second phase reads what the first wrote); name -> (args, result)."""
     d = tmp_path_factory.mktemp("json")
-    out = {}
-
-    def go(name, *args):
-        out[name] = (args, run_cli(*args))
-        return out[name][1]
-
     # train-teacher with stderr on a terminal (progress bar) and distill with stderr on a pipe (one
     # line per epoch), both without -q: stdout must still be pure JSON
-    args = ("train-teacher", "--epochs", "2", "--out", d / "t.safetensors", "--log", d / "t.jsonl", "--json")
-    out["train-teacher"] = (args, run_with_tty_stderr(args))
-    assert out["train-teacher"][1].returncode == 0, out["train-teacher"][1].stderr
-    go("distill", "distill", "--teacher", digits_teacher, "--epochs", "2", "--out", d / "s.safetensors", "--json")
-    go("eval", "eval", "--model", digits_teacher, "--model", d / "t.safetensors", "--json", "-q")
-    go("detect-noise", "detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--json", "-q")
-    go("clean", "clean", "--model", digits_teacher, "--out", d / "kept.csv", "--json", "-q")
-    go("info", "info", d / "s.safetensors", "--json", "-q")
-    go("plot-log", "plot-log", d / "t.jsonl", "-o", d / "curves.png", "--json", "-q")
+    first = {"train-teacher": ("train-teacher", "--epochs", "2", "--out", d / "t.safetensors", "--log", d / "t.jsonl",
+                               "--json"),
+             "distill": ("distill", "--teacher", digits_teacher, "--epochs", "2", "--out", d / "s.safetensors",
+                         "--json"),
+             "detect-noise": ("detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--json", "-q"),
+             "clean": ("clean", "--model", digits_teacher, "--out", d / "kept.csv", "--json", "-q")}
+    then = {"eval": ("eval", "--model", digits_teacher, "--model", d / "t.safetensors", "--json", "-q"),
+            "info": ("info", d / "s.safetensors", "--json", "-q"),
+            "plot-log": ("plot-log", d / "t.jsonl", "-o", d / "curves.png", "--json", "-q")}
+
+    def go(name, args):
+        return name, (args, run_with_tty_stderr(args) if name == "train-teacher" else run_cli(*args))
+
+    out = {}
+    with ThreadPoolExecutor(2) as pool:
+        out.update(pool.map(go, *zip(*first.items())))
+        assert out["train-teacher"][1].returncode == 0, out["train-teacher"][1].stderr
+        assert out["distill"][1].returncode == 0, out["distill"][1].stderr
+        out.update(pool.map(go, *zip(*then.items())))
     return out
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import cli_env, run_cli, run_kdfine
+from conftest import cli_env, run_cli, run_kdfine, saved_epoch
 from kdfine.options import resume_keys
 from kdfine.runtime import precision as P
 from kdfine.runtime.device import resolve_precision, teacher_precision, training_precision
@@ -211,17 +211,6 @@ BASE = ["train-teacher", "--arch", "cnn", "--batch-size", "32", "--epochs", "2",
         "-q"]
 ENV = {"OMP_NUM_THREADS": "1", P.PROBE_ENV: "0"}
 TIMEOUT = 300
-
-
-def saved_epoch(out: Path) -> int:
-    state = Path(f"{out}.state.safetensors")
-    if not state.exists():
-        return 0
-    try:
-        with safe_open(str(state), framework="pt") as f:
-            return int(json.loads(f.metadata()["kdfine_state"])["epoch"])
-    except Exception:  # caught mid-rename: not yet
-        return 0
 
 
 def killed_after_epoch_one(out: Path, args: list[str]) -> int:

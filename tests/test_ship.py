@@ -1,9 +1,9 @@
 """What a user ships: the ONNX file that predict runs without torch, and predictions whose names
 and paths are safe in a spreadsheet and on a terminal.
 
-The ONNX file and the checkpoint must give the same rows on the awkward image folder of
-test_decode (decoded from the file's own metadata); the ONNX run happens in a process where
-importing torch fails. Class names beginning with ``=`` and holding escape sequences, and file
+The ONNX file and the checkpoint must give the same rows on the awkward image folder that
+test_decode uses too (decoded from the file's own metadata); the ONNX run happens in a process
+where importing torch fails. Class names beginning with ``=`` and holding escape sequences, and file
 names that are not UTF-8, go through predict, the CSV and ``info``.
 """
 
@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli_env, run_cli, run_kdfine
+from conftest import ROOT, awkward_folder, awkward_images, cli_env, run_cli, run_kdfine
 from kdfine import api
 from kdfine.files.text import csv_cell, printable
 from kdfine.options import DataOptions, TrainConfig
-from test_decode import awkward_folder
 
 NO_TORCH = "raise ImportError('torch is blocked by the test: predict --model FILE.onnx must not need it')\n"
 
@@ -161,7 +160,6 @@ def test_info_prints_no_control_characters(hostile):
 def test_the_guides_decoding_is_kdfines(tmp_path):
     """docs/shipping.md's ``load`` (for users who run the ONNX file themselves) gives the decoder's pixels."""
     from kdfine.data.decode import DecodeSpec, decode
-    from test_decode import awkward_images
 
     text = (ROOT / "docs" / "shipping.md").read_text()
     block = next(b for b in text.split("```python")[1:] if "def load(" in b).split("```")[0]

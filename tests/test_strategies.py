@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import run_cli, run_kdfine, torchrun
-from test_resume import BASE as RESUME_BASE
-from test_resume import Run, assert_same_weights, state_of
+from conftest import Run, assert_same_weights, run_cli, run_kdfine, state_of, torchrun
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
@@ -24,6 +22,8 @@ TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "3", "--fine-warmup", "1"
 RUNS = {"select": ["--loss", "gce"], "coteach": ["--fine-strategy", "coteach", "--loss", "sce"],
         "dividemix": ["--fine-strategy", "dividemix"]}
 LOSS_OF = {"select": "gce", "coteach": "sce", "dividemix": "ce"}
+# test_resume's command (its --arch cnn is replaced by --arch mlp: two networks of its cnn are too slow)
+RESUME_BASE = ["train-teacher", "--batch-size", "32", "--epochs", "3", "--seed", "3", "--device", "cpu", "-q"]
 
 
 def meta_of(path: Path) -> dict:
@@ -95,12 +95,11 @@ def test_bad_strategy_options_are_one_line_usage_errors(cli, tmp_path):
 def test_two_network_run_resumes_bit_identically_after_sigkill(tmp_path, name):
     """SIGKILL inside epoch 3 (selections before epochs 2 and 3), --resume, the same weights as an
     uninterrupted run: both networks, both optimizers and both selections come back."""
-    # test_resume's command with --arch mlp (the last --arch wins): two networks of its cnn are too slow
     args = [*NOISE, "--arch", "mlp", "--fine-strategy", name, "--fine-warmup", "1", "--fine-every", "1"]
     ref_out, out, log = tmp_path / "ref.safetensors", tmp_path / "run.safetensors", tmp_path / "run.jsonl"
     with ThreadPoolExecutor(2) as pool:
         ref = pool.submit(run_cli, *RESUME_BASE, *args, "--out", ref_out, env=ENV, timeout=TIMEOUT)
-        run = Run(out, args, log)
+        run = Run([*RESUME_BASE, *args], out, log, TIMEOUT)
         try:
             killed = run.stop_inside_epoch(3, signal.SIGKILL)
         finally:

@@ -1,17 +1,32 @@
-"""Shared fixtures: run the real CLI in a subprocess, small trained checkpoints, tiny image folders."""
+"""Shared fixtures: run the real CLI (in this process, or in a subprocess where the process
+boundary is what a test checks), small trained checkpoints, tiny image folders."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
+from typing import Iterator
 
+# One OpenMP/BLAS thread per test process and per command it starts (a value set by the caller is
+# kept): `make test` runs one worker per core, and pools that spin for work on cores the other
+# worker is using made an epoch of the digits cnn 15x slower (6.0 s against 0.4 s). The networks
+# of the tests are tiny; one thread is what they run fastest on anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# imported after the setting above: numpy's BLAS reads the thread count when it loads
 import numpy as np
 import pytest
+from PIL import Image as PillowImage
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -20,7 +35,7 @@ CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("KDFINE_DEBUG", None)
     env.update(extra or {})
     return env
@@ -33,6 +48,81 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
                           text=True, env=cli_env(env), cwd=cwd, timeout=timeout)
 
 
+def torchrun(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m kdfine -- ARGS`` on CPU, one thread per process
+    (the ``--`` keeps torchrun's own parser away from kdfine's options). A hang shows up as a
+    timeout, never as a stuck test run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "kdfine", "--", *map(str, args)]
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, env=cli_env({"OMP_NUM_THREADS": "1"}),
+                          timeout=timeout)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` as :func:`cli_env` would give a subprocess (plus ``env``), put back after."""
+    saved = dict(os.environ)
+    os.environ.pop("KDFINE_DEBUG", None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _text_stream(text: str = "") -> io.TextIOWrapper:
+    """A text stream with a byte ``buffer`` under it, like a real sys.stdout (CSV goes to the buffer)."""
+    return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline="")
+
+
+def run_kdfine(*args: str, input: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``kdfine ARGS`` through the console entry point :func:`kdfine.cli.main`, in this process:
+    the same parsing, error-to-exit-code mapping, stdout and stderr as ``python -m kdfine``
+    without the interpreter start (2-3 s of torch import). stdin is ``input`` (empty by default),
+    ``env`` is added to the environment, ``cwd`` is the working directory; all are put back after,
+    with kdfine's CLI state and the warning filters. Returns what :func:`run_cli` returns
+    (``timeout`` is accepted for the same signature and not enforced)."""
+    import importlib
+
+    from kdfine.cli import main
+
+    cli_app = importlib.import_module("kdfine.cli.app")  # the module: kdfine.cli.app is also the Typer app's name
+
+    argv, streams, state, here = sys.argv, (sys.stdin, sys.stdout, sys.stderr), dict(cli_app._state), os.getcwd()
+    out, err = _text_stream(), _text_stream()
+    code: int | str | None = 0
+    with _environment(env or {}), warnings.catch_warnings():
+        sys.argv = ["kdfine", *map(str, args)]
+        sys.stdin, sys.stdout, sys.stderr = io.StringIO(input or ""), out, err
+        try:
+            os.chdir(cwd or here)
+            main()
+        except SystemExit as e:
+            code = e.code
+        finally:
+            out.flush(), err.flush()
+            sys.argv, (sys.stdin, sys.stdout, sys.stderr) = argv, streams
+            cli_app._state.clear()
+            cli_app._state.update(state)
+            os.chdir(here)
+    code = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["kdfine", *map(str, args)], code, out.buffer.getvalue().decode(),
+                                       err.buffer.getvalue().decode())
+
+
+PILLOW_MAX_PIXELS = PillowImage.MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(autouse=True)
+def _pillow_limit():
+    """Every test starts with Pillow's own pixel limit, as a new kdfine process does: kdfine raises
+    that process-wide setting to a larger KDFINE_MAX_PIXELS, and the message for a decompression
+    bomb then takes its other form (test_decode before test_ship in one process failed on it)."""
+    PillowImage.MAX_IMAGE_PIXELS = PILLOW_MAX_PIXELS
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets the same throwaway KDFINE_CACHE, never the user's ~/.cache/kdfine."""
@@ -42,7 +132,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def cli():
-    return run_cli
+    """The CLI in this process (:func:`run_kdfine`); tests of the process boundary use :func:`run_cli`."""
+    return run_kdfine
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +145,8 @@ def session_dir(tmp_path_factory) -> Path:
 def digits_teacher(session_dir) -> Path:
     """A cnn teacher trained on digits for 6 epochs (about 3 s): shared by many tests."""
     out = session_dir / "teacher.safetensors"
-    r = run_cli("train-teacher", "--epochs", "6", "--out", out, "-q",
-                env={"KDFINE_CACHE": str(session_dir / "cache")})
+    r = run_kdfine("train-teacher", "--epochs", "6", "--out", out, "-q",
+                   env={"KDFINE_CACHE": str(session_dir / "cache")})
     assert r.returncode == 0, r.stderr
     return out
 
@@ -65,10 +156,10 @@ def noisy_dump(session_dir) -> Path:
     """A teacher trained on digits with sym:0.4 noise, and its feature dump of the training split."""
     ck = session_dir / "noisy.safetensors"
     env = {"KDFINE_CACHE": str(session_dir / "cache")}
-    r = run_cli("train-teacher", "--label-noise", "sym:0.4", "--epochs", "8", "--out", ck, "-q", env=env)
+    r = run_kdfine("train-teacher", "--label-noise", "sym:0.4", "--epochs", "8", "--out", ck, "-q", env=env)
     assert r.returncode == 0, r.stderr
     dump = session_dir / "features.npy"
-    r = run_cli("eval", "--model", ck, "--split", "train", "--dump-features", dump, "-q", env=env)
+    r = run_kdfine("eval", "--model", ck, "--split", "train", "--dump-features", dump, "-q", env=env)
     assert r.returncode == 0, r.stderr
     return dump
 
@@ -102,6 +193,56 @@ def bomb_png(path: Path, w: int = 20000, h: int = 20000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
                      + chunk(b"IEND", b""))
     return path
+
+
+def gradient_image(w: int, h: int, seed: int) -> np.ndarray:
+    """An RGB image whose content tells up from down and left from right (so orientation shows)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 128 + 0 * x], -1)
+    return np.clip(a + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
+
+
+def _exif_jpeg(path: Path, orientation: int, seed: int) -> None:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(gradient_image(40, 24, seed)).save(path, exif=exif, quality=95)
+
+
+def awkward_images(d: Path, seed: int, colour: bool = True) -> None:
+    """Every kind of file that decodes differently when done carelessly, into folder ``d``."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    g = gradient_image(30, 18, seed)
+    grey16 = (np.linspace(0, 65535, 24 * 20).reshape(20, 24)).astype(np.uint16)
+    Image.fromarray(grey16).save(d / "grey16.png")
+    Image.fromarray(g[..., 0]).save(d / "grey.png")
+    alpha = np.where(np.arange(30) < 15, 0, 255)[None, :].repeat(18, 0)
+    Image.fromarray(np.dstack([g[..., 1], alpha]).astype(np.uint8)).save(d / "grey_alpha.png")  # LA
+    bomb_png(d / "bomb.png")
+    if not colour:
+        return
+    for o in (3, 6, 8):
+        _exif_jpeg(d / f"exif{o}.jpg", o, seed + o)
+    rgba = np.dstack([g, np.where(np.arange(30) < 10, 0, 255)[None, :].repeat(18, 0)]).astype(np.uint8)
+    Image.fromarray(rgba).save(d / "rgba.png")
+    pal = Image.fromarray(g).convert("P", palette=Image.ADAPTIVE, colors=8)
+    pal.info["transparency"] = 0
+    pal.save(d / "palette.png", transparency=0)
+    Image.fromarray(g).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    Image.fromarray(gradient_image(50, 20, seed + 1)).save(d / "wide.png")
+    Image.fromarray(gradient_image(400, 300, seed + 2)).save(d / "big.jpg", quality=90)
+
+
+def awkward_folder(root: Path, colour: bool) -> Path:
+    """An ImageFolder tree (train/test, classes a and b) of :func:`awkward_images`."""
+    for split in ("train", "test"):
+        for ci, c in enumerate(("a", "b")):
+            awkward_images(root / split / c, seed=10 * ci + (split == "test"), colour=colour)
+    return root
 
 
 def digits_slice(n_train: int, n_test: int = 100):
@@ -139,6 +280,69 @@ def stop_after(n: int):
                 raise KeyboardInterrupt
 
     return StopAfter(quiet=True)
+
+
+def state_of(out: Path) -> Path:
+    """The resume state beside the checkpoint ``out``."""
+    return Path(f"{out}.state.safetensors")
+
+
+def saved_epoch(out: Path) -> int:
+    """The last complete epoch recorded in the resume state beside ``out`` (0 when there is none,
+    or while it is being renamed into place)."""
+    from safetensors import safe_open
+
+    path = state_of(out)
+    if not path.exists():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(json.loads(f.metadata()["kdfine_state"])["epoch"])
+    except Exception:  # caught mid-rename: not yet
+        return 0
+
+
+class Run:
+    """``python -m kdfine ARGS --out OUT --log LOG`` in the background (one thread), to be stopped
+    with a signal once it is inside a given epoch."""
+
+    def __init__(self, args: list[str], out: Path, log: Path, timeout: float = 300):
+        self.out, self.log, self.timeout = out, log, timeout
+        self.proc = subprocess.Popen([sys.executable, "-m", "kdfine", *map(str, args), "--out", str(out),
+                                      "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=cli_env())
+
+    def stop_inside_epoch(self, epoch: int, sig: int) -> subprocess.CompletedProcess:
+        """Wait until epoch ``epoch - 1`` is saved (the state file is the event), let epoch
+        ``epoch`` run for a third of an epoch's time, then send ``sig``; returns the finished process."""
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        while saved_epoch(self.out) < epoch - 1:
+            assert self.proc.poll() is None, f"run ended early: {self.proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.02)
+        seconds = json.loads(self.log.read_text().splitlines()[-1])["time_s"]
+        time.sleep(0.3 * seconds)
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=self.timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Every tensor of the two checkpoints is equal (torch.equal), and they hold the same names."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"tensors differ after resume: {different[:5]}"
 
 
 def read_json(text: str):

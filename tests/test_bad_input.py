@@ -1,11 +1,12 @@
-"""Bad input, case by case: each a real file and a real ``python -m kdfine`` command.
+"""Bad input, case by case: each a real file and a real kdfine command line.
 
 Every failing case must exit with the README's documented code, print exactly one line on stderr
 and no traceback, and leave its directory exactly as it was: an existing output file byte-identical, no
 partial or temporary file. With ``--debug`` the traceback comes before that line and the exit
 code stays the same. Warnings are one line and do not stop the command.
 
-The commands run side by side (a module fixture starts them all); each test waits for its own.
+Most commands run in this process through kdfine's entry point; those of IN_A_PROCESS, where the
+process itself is part of the case, run as ``python -m kdfine`` in the background meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import bomb_png, cli_env
+from conftest import bomb_png, cli_env, run_kdfine
 
 SENTINEL = b"an existing output file that a failed command must leave alone\n"
 N, D, K = 120, 8, 3  # the synthetic feature dumps
@@ -678,8 +679,7 @@ CASES: dict[str, Case] = {
 }
 
 # --debug must keep each kind of failure's exit code: a checkpoint, a feature dump, an index list, an
-# OS error, a failed write during training and an empty stdin stand for the rest (each case is a
-# whole interpreter start, and the suite's time is budgeted).
+# OS error, a failed write during training and an empty stdin stand for the rest.
 DEBUG_CASES = ["truncated-safetensors", "features-with-nan", "index-duplicate", "unreadable-path",
                "disk-full-checkpoint", "teacher-stdin-empty", "dump-json-null"]
 
@@ -702,10 +702,20 @@ def dev_full_sidecars() -> list[str]:
     return sorted(p.name for p in Path("/dev").glob("full.*"))
 
 
-def _run(args: list, cwd: Path, stdin: str | None, debug: bool, env: dict | None = None) -> subprocess.CompletedProcess:
+# The cases that run as a real ``python -m kdfine`` process. The rest run in this process through
+# the same entry point (conftest.run_kdfine: the same parsing, exit codes, stdout and stderr).
+IN_A_PROCESS = {
+    "export-out-dev-stdout",  # /dev/stdout is the process's file descriptor 1
+    "teacher-stdin-empty",  # stdin is a real, empty pipe
+    "checkpoint-is-a-fifo", "init-is-a-fifo", "predict-skips-a-fifo",  # a regression blocks: the timeout ends it
+    "truncated-safetensors", "disk-full-checkpoint", "seed-too-large",  # exit 3 on read, on write, exit 2
+}
+
+
+def _run_process(args: list, cwd: Path, stdin: str | None, debug: bool, env: dict) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "kdfine", *(["--debug"] if debug else []), *map(str, args)]
     return subprocess.run(cmd, input=stdin if stdin is not None else "", capture_output=True, text=True,
-                          env=cli_env({"OMP_NUM_THREADS": "1", **(env or {})}), cwd=cwd, timeout=300)
+                          env=env, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -719,31 +729,56 @@ def shared(tmp_path_factory, digits_teacher) -> dict:
     return {"teacher": digits_teacher, "meta": meta, "tensors": tensors, "small": small}
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, shared) -> dict[str, Future]:
-    """Prepare every case in its own directory and start all the commands (3 at a time)."""
-    root = tmp_path_factory.mktemp("bad")
-    pool = ThreadPoolExecutor(3)
-    futures: dict[str, Future] = {}
+def _jobs() -> dict[str, tuple[Callable, str | None, str | None, bool, dict | None]]:
+    """Every command of this module by key (a case, ``CASE+debug``, a warning): make, out, stdin,
+    debug, env."""
+    jobs = {}
+    for name, case in CASES.items():
+        jobs[name] = (case.make, case.out, case.stdin, False, case.env)
+        if name in DEBUG_CASES:
+            jobs[f"{name}+debug"] = (case.make, case.out, case.stdin, True, case.env)
+    jobs.update({name: (make, None, None, False, None) for name, (make, _) in WARNINGS.items()})
+    return jobs
 
-    def job(name, make, out, stdin, debug, env=None):
-        d = root / name
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, shared) -> Callable[[str], tuple]:
+    """``outcome(key)``: the command's result, its directory and snapshots before and after. The
+    cases of IN_A_PROCESS start at once, two at a time in the background; the others run in this
+    process when a test asks for them."""
+    root = tmp_path_factory.mktemp("bad")
+    jobs = _jobs()
+
+    def prepare(key):
+        make, out, stdin, debug, env = jobs[key]
+        d = root / key
         d.mkdir()
         args = make(d, shared)
         if out:
             (d / out).write_bytes(SENTINEL)
-        before = snapshot(d)
-        r = _run(args, d, stdin, debug, env)
+        return args, d, snapshot(d)
+
+    def in_a_process(key, args, d, before, env):
+        make, out, stdin, debug, _ = jobs[key]
+        r = _run_process(args, d, stdin, debug, env)
         return r, d, before, snapshot(d)
 
-    for name, case in CASES.items():
-        futures[name] = pool.submit(job, name, case.make, case.out, case.stdin, False, case.env)
-        if name in DEBUG_CASES:
-            futures[f"{name}+debug"] = pool.submit(job, f"{name}+debug", case.make, case.out, case.stdin, True,
-                                                   case.env)
-    for name, (make, _) in WARNINGS.items():
-        futures[name] = pool.submit(job, name, make, None, None, False)
-    yield futures
+    pool = ThreadPoolExecutor(2)
+    started: dict[str, Future] = {}
+    for key in jobs:
+        if key.split("+")[0] in IN_A_PROCESS:  # prepared here: the environment is read before a test changes it
+            env = cli_env({"OMP_NUM_THREADS": "1", **(jobs[key][4] or {})})
+            started[key] = pool.submit(in_a_process, key, *prepare(key), env)
+
+    def outcome(key):
+        if key in started:
+            return started[key].result()
+        args, d, before = prepare(key)
+        make, out, stdin, debug, env = jobs[key]
+        r = run_kdfine(*(["--debug"] if debug else []), *args, input=stdin, env=env, cwd=d)
+        return r, d, before, snapshot(d)
+
+    yield outcome
     pool.shutdown(wait=True, cancel_futures=True)
     for p in root.rglob("*"):  # let pytest clean up what a case made unreadable
         if p.exists() and not p.is_symlink():
@@ -753,7 +788,7 @@ def results(tmp_path_factory, shared) -> dict[str, Future]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_fails_cleanly(results, name):
     case = CASES[name]
-    r, d, before, after = results[name].result()
+    r, d, before, after = results(name)
     assert r.returncode == case.code, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1, f"expected one stderr line, got:\n{r.stderr}"
@@ -767,7 +802,7 @@ def test_bad_input_fails_cleanly(results, name):
 @pytest.mark.parametrize("name", DEBUG_CASES)
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(results, name):
     case = CASES[name]
-    r, d, before, after = results[f"{name}+debug"].result()
+    r, d, before, after = results(f"{name}+debug")
     assert r.returncode == case.code, r.stderr
     assert "Traceback (most recent call last):" in r.stderr
     assert f"kdfine{os.sep}" in r.stderr  # frames inside kdfine
@@ -777,7 +812,7 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(results, name):
 
 @pytest.mark.parametrize("name", list(WARNINGS))
 def test_warning_is_one_line_and_the_command_succeeds(results, name):
-    r, d, before, after = results[name].result()
+    r, d, before, after = results(name)
     expected = WARNINGS[name][1]
     assert r.returncode == 0, r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("kdfine: warning:")]

@@ -1,4 +1,5 @@
-"""End to end: the real `kdfine` commands of the foundation, run as subprocesses."""
+"""End to end: the `kdfine` commands of the foundation, run in process through the console entry
+point (conftest.run_kdfine: the same parsing, exit codes, stdout and stderr)."""
 
 from __future__ import annotations
 

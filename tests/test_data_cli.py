@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import read_json, write_png_tree
+from conftest import read_json, torchrun, write_png_tree
 from kdfine.data.batches import StreamBatches, TrainBatches
 from kdfine.files.rows import file_rows
 from kdfine.data.sources import load_source
@@ -159,8 +159,6 @@ def test_rrc_flip_is_the_default_for_library_archs_at_96_px_and_up():
 
 def test_stream_under_torchrun(tmp_path, pets):
     """A real 2-process torchrun job trains from the streamed cache."""
-    from test_distributed import torchrun
-
     out = tmp_path / "ddp.safetensors"
     r = torchrun(*TRAIN, "--epochs", "1", "--data", f"imagefolder:{pets}", "--stream", "--out", out)
     assert r.returncode == 0, r.stderr

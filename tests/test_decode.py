@@ -14,62 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bomb_png
+from conftest import awkward_folder, awkward_images, bomb_png, gradient_image
 from kdfine import api
 from kdfine.data.decode import DecodeSpec, TooManyPixels, decode, max_pixels, probe
 from kdfine.errors import UsageError
 from kdfine.options import DataOptions, TrainConfig
 
 SIZE = 16
-
-
-def _gradient(w: int, h: int, seed: int) -> np.ndarray:
-    """An RGB image whose content tells up from down and left from right (so orientation shows)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    a = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 128 + 0 * x], -1)
-    return np.clip(a + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
-
-
-def _exif_jpeg(path: Path, orientation: int, seed: int) -> None:
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    Image.fromarray(_gradient(40, 24, seed)).save(path, exif=exif, quality=95)
-
-
-def awkward_images(d: Path, seed: int, colour: bool = True) -> None:
-    """Every kind of file that decodes differently when done carelessly, into folder ``d``."""
-    from PIL import Image
-
-    d.mkdir(parents=True, exist_ok=True)
-    g = _gradient(30, 18, seed)
-    grey16 = (np.linspace(0, 65535, 24 * 20).reshape(20, 24)).astype(np.uint16)
-    Image.fromarray(grey16).save(d / "grey16.png")
-    Image.fromarray(g[..., 0]).save(d / "grey.png")
-    alpha = np.where(np.arange(30) < 15, 0, 255)[None, :].repeat(18, 0)
-    Image.fromarray(np.dstack([g[..., 1], alpha]).astype(np.uint8)).save(d / "grey_alpha.png")  # LA
-    bomb_png(d / "bomb.png")
-    if not colour:
-        return
-    for o in (3, 6, 8):
-        _exif_jpeg(d / f"exif{o}.jpg", o, seed + o)
-    rgba = np.dstack([g, np.where(np.arange(30) < 10, 0, 255)[None, :].repeat(18, 0)]).astype(np.uint8)
-    Image.fromarray(rgba).save(d / "rgba.png")
-    pal = Image.fromarray(g).convert("P", palette=Image.ADAPTIVE, colors=8)
-    pal.info["transparency"] = 0
-    pal.save(d / "palette.png", transparency=0)
-    Image.fromarray(g).convert("CMYK").save(d / "cmyk.jpg", quality=95)
-    Image.fromarray(_gradient(50, 20, seed + 1)).save(d / "wide.png")
-    Image.fromarray(_gradient(400, 300, seed + 2)).save(d / "big.jpg", quality=90)
-
-
-def awkward_folder(root: Path, colour: bool) -> Path:
-    for split in ("train", "test"):
-        for ci, c in enumerate(("a", "b")):
-            awkward_images(root / split / c, seed=10 * ci + (split == "test"), colour=colour)
-    return root
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -123,7 +74,7 @@ def test_orientation_alpha_and_bits_come_out_as_training_wants(tmp_path):
     """The decoder's own promises, against images built upright by hand."""
     from PIL import Image
 
-    upright = _gradient(40, 24, 0)
+    upright = gradient_image(40, 24, 0)
     for o, turn in ((3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)):
         sideways = np.asarray(Image.fromarray(upright).transpose(turn))  # stored turned; the tag turns it back
         exif = Image.Exif()
@@ -156,7 +107,7 @@ def test_record_round_trip_and_decoded_how(tmp_path):
 
     spec = DecodeSpec(24, 3, "squash", draft=False)
     assert DecodeSpec.from_record(spec.record()) == DecodeSpec(24, 3, "squash", draft=False, max_pixels=spec.max_pixels)
-    Image.fromarray(_gradient(400, 300, 0)).save(tmp_path / "big.jpg")
+    Image.fromarray(gradient_image(400, 300, 0)).save(tmp_path / "big.jpg")
     d = decode(tmp_path / "big.jpg", DecodeSpec(24, 3))
     how = d.how(DecodeSpec(24, 3))
     assert how["drafted"] is True and how["source_size"] == [400, 300] and how["resize"] == "crop"

@@ -1,5 +1,7 @@
 """End to end: `detect-noise` and `clean` on a dump written by `eval --dump-features` (digits with
-40% symmetric noise), training on their output, and dynamic FINE inside `train-teacher`."""
+40% symmetric noise), training on their output, and dynamic FINE inside `train-teacher`. The
+commands run in process (conftest.run_kdfine), except where stdout and stderr of a real process
+are what is checked."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_json, run_cli
+from conftest import read_json, run_cli, run_kdfine
 
 from kdfine.detect import detect
 
@@ -30,7 +32,7 @@ def sidecars(dump: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def detected(noisy_dump, tmp_path_factory):
     """detect-noise with --json and --noisy-out, run once for the checks below."""
     d = tmp_path_factory.mktemp("detect")
-    r = run_cli("detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--noisy-out", d / "noisy.csv",
+    r = run_kdfine("detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--noisy-out", d / "noisy.csv",
                 "--json")
     assert r.returncode == 0, r.stderr
     return d, read_json(r.stdout)
@@ -83,6 +85,7 @@ def test_json_report_per_class_and_truth_metrics(detected, noisy_dump):
 
 
 def test_out_dash_writes_the_csv_to_stdout_and_the_report_to_stderr(detected, noisy_dump):
+    """A real process: its stdout is the CSV and nothing else, whatever writes to the descriptors."""
     d, doc = detected
     r = run_cli("detect-noise", "-f", noisy_dump, "--out", "-")
     assert r.returncode == 0, r.stderr
@@ -96,7 +99,7 @@ def test_out_dash_writes_the_csv_to_stdout_and_the_report_to_stderr(detected, no
 
 def test_vectors_from_a_previous_selection(detected, noisy_dump, tmp_path):
     d, _ = detected
-    r = run_cli("detect-noise", "-f", noisy_dump, "--vectors-from", d / "clean.csv", "--out", tmp_path / "c2.csv",
+    r = run_kdfine("detect-noise", "-f", noisy_dump, "--vectors-from", d / "clean.csv", "--out", tmp_path / "c2.csv",
                 "--json")
     assert r.returncode == 0, r.stderr
     labels, _, _ = sidecars(noisy_dump)
@@ -108,7 +111,7 @@ def test_vectors_from_a_previous_selection(detected, noisy_dump, tmp_path):
 
 @pytest.mark.parametrize("method", ["kmeans", "small-loss"])
 def test_other_methods(method, noisy_dump, tmp_path):
-    r = run_cli("detect-noise", "-f", noisy_dump, "--method", method, "--out", tmp_path / "c.csv", "--json")
+    r = run_kdfine("detect-noise", "-f", noisy_dump, "--method", method, "--out", tmp_path / "c.csv", "--json")
     assert r.returncode == 0, r.stderr
     doc = read_json(r.stdout)
     assert doc["method"] == method and doc["truth"]["f1"] > 0.85
@@ -130,7 +133,8 @@ def test_auto_and_knn_name_what_they_chose(noisy_dump, tmp_path):
     reference set; both find the wrong labels of the digits dump."""
     docs = {}
     for method in ("auto", "knn", "small-loss"):
-        r = run_cli("detect-noise", "-f", noisy_dump, "--method", method, "--out", tmp_path / f"{method}.csv", "--json")
+        r = run_kdfine("detect-noise", "-f", noisy_dump, "--method", method, "--out", tmp_path / f"{method}.csv",
+                       "--json")
         assert r.returncode == 0, r.stderr
         docs[method] = read_json(r.stdout)
         assert docs[method]["method"] == method
@@ -138,7 +142,7 @@ def test_auto_and_knn_name_what_they_chose(noisy_dump, tmp_path):
     assert set(auto["weights"]) == {"fine", "loss"} and sum(auto["weights"].values()) == pytest.approx(1.0)
     assert docs["auto"]["truth"]["auroc"] > 0.9 and docs["auto"]["truth"]["f1"] > 0.85
     assert docs["knn"]["knn"]["k"] == 10 and docs["knn"]["truth"]["f1"] > 0.85
-    r = run_cli("detect-noise", "-f", noisy_dump, "--method", "auto", "--out", tmp_path / "a2.csv")
+    r = run_kdfine("detect-noise", "-f", noisy_dump, "--method", "auto", "--out", tmp_path / "a2.csv")
     assert r.returncode == 0 and "auto: FINE" in r.stderr and "loss" in r.stderr
     assert (tmp_path / "a2.csv").read_text() == (tmp_path / "auto.csv").read_text()  # deterministic
 
@@ -147,14 +151,14 @@ def test_auto_without_logits_fails_cleanly(noisy_dump, tmp_path):
     bare = tmp_path / "bare.npy"
     np.save(bare, np.load(noisy_dump))
     np.save(tmp_path / "bare.labels.npy", sidecars(noisy_dump)[0])
-    r = run_cli("detect-noise", "-f", bare, "--method", "auto", "--out", tmp_path / "c.csv")
+    r = run_kdfine("detect-noise", "-f", bare, "--method", "auto", "--out", tmp_path / "c.csv")
     assert r.returncode == 3 and "logits sidecar" in r.stderr and not (tmp_path / "c.csv").exists()
 
 
 def test_bad_labels_fail_cleanly(noisy_dump, tmp_path):
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
     out = tmp_path / "c.csv"
-    r = run_cli("detect-noise", "-f", noisy_dump, "--labels", tmp_path / "short.npy", "--out", out)
+    r = run_kdfine("detect-noise", "-f", noisy_dump, "--labels", tmp_path / "short.npy", "--out", out)
     assert r.returncode == 3 and not out.exists()
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
@@ -162,7 +166,7 @@ def test_bad_labels_fail_cleanly(noisy_dump, tmp_path):
 def test_clean_export_then_train_on_it(noisy_dump, detected, tmp_path):
     d, doc = detected
     model = json.loads(Path(str(noisy_dump)[:-4] + ".json").read_text())["checkpoint"]
-    r = run_cli("clean", "--model", model, "--out", tmp_path / "c.csv", "--export", tmp_path / "cleaned.npz",
+    r = run_kdfine("clean", "--model", model, "--out", tmp_path / "c.csv", "--export", tmp_path / "cleaned.npz",
                 "--json")
     assert r.returncode == 0, r.stderr
     rep = read_json(r.stdout)
@@ -174,7 +178,7 @@ def test_clean_export_then_train_on_it(noisy_dump, detected, tmp_path):
         keep = z["index"]
         assert z["x"].shape[0] == doc["kept"]
         np.testing.assert_array_equal(z["y"], labels[keep])
-    r = run_cli("train-teacher", "--data", f"npz:{tmp_path / 'cleaned.npz'}", "--epochs", "1",
+    r = run_kdfine("train-teacher", "--data", f"npz:{tmp_path / 'cleaned.npz'}", "--epochs", "1",
                 "--out", tmp_path / "t.safetensors")
     assert r.returncode == 0, r.stderr
     assert f"{doc['kept']} train images" in r.stderr
@@ -184,22 +188,23 @@ def test_clean_export_dir_then_train_on_it(noisy_dump, detected, tmp_path):
     _, doc = detected
     model = json.loads(Path(str(noisy_dump)[:-4] + ".json").read_text())["checkpoint"]
     out = tmp_path / "cleaned"
-    r = run_cli("clean", "--model", model, "--out", tmp_path / "c.csv", "--export-dir", out, "-q")
+    r = run_kdfine("clean", "--model", model, "--out", tmp_path / "c.csv", "--export-dir", out, "-q")
     assert r.returncode == 0, r.stderr
     files = [p for p in (out / "train").rglob("*") if p.is_file()]
     assert len(files) == doc["kept"] and sorted(p.name for p in (out / "train").iterdir()) == [str(i) for i in range(10)]
     assert any((out / "test").rglob("*.png"))
-    r = run_cli("train-teacher", "--data", f"imagefolder:{out}", "--epochs", "1", "--out", tmp_path / "t.safetensors")
+    r = run_kdfine("train-teacher", "--data", f"imagefolder:{out}", "--epochs", "1",
+                   "--out", tmp_path / "t.safetensors")
     assert r.returncode == 0, r.stderr
     assert f"{doc['kept']} train images" in r.stderr
-    r = run_cli("clean", "--model", model, "--out", tmp_path / "c.csv", "--export-dir", out, "-q")
+    r = run_kdfine("clean", "--model", model, "--out", tmp_path / "c.csv", "--export-dir", out, "-q")
     assert r.returncode == 3 and "not empty" in r.stderr  # never writes into an existing tree
 
 
 def test_dynamic_fine_in_training_is_logged(tmp_path):
     log = tmp_path / "run.jsonl"
-    r = run_cli("train-teacher", "--label-noise", "sym:0.4", "--epochs", "5", "--fine-warmup", "3", "--fine-every", "1",
-                "--log", log, "--out", tmp_path / "t.safetensors")
+    r = run_kdfine("train-teacher", "--label-noise", "sym:0.4", "--epochs", "5", "--fine-warmup", "3",
+                   "--fine-every", "1", "--log", log, "--out", tmp_path / "t.safetensors")
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     assert [("fine_kept" in x) for x in recs] == [False, False, False, True, True]

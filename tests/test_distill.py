@@ -1,5 +1,6 @@
 """`kdfine distill` end to end on digits: sequential pipes, ensembles, teacher checks, metadata and
-`eval --teacher`. Every command runs as a real `python -m kdfine` subprocess."""
+`eval --teacher`. The pipeline of three commands runs as real processes joined by pipes; the other
+commands run in process (conftest.run_kdfine)."""
 
 from __future__ import annotations
 

@@ -18,21 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, torchrun
 from kdfine.runtime import distributed
 from kdfine.data.batches import TrainBatches
 
 TIMEOUT = 240  # a hang shows up as a timeout, never as a stuck test run
 ENV = {"OMP_NUM_THREADS": "1"}
-TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "4", "--seed", "5", "--device", "cpu"]
-
-
-def torchrun(*args, input: str | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m kdfine -- ARGS`` (the ``--`` keeps torchrun's
-    own parser away from kdfine's options)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdfine", "--", *map(str, args)]
-    return subprocess.run(cmd, input=input, capture_output=True, text=True, env=cli_env(ENV), timeout=TIMEOUT)
+# --bn-stats recompute: the BatchNorm re-estimation under torchrun is checked on the same run
+TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "4", "--seed", "5", "--device", "cpu", "--bn-stats", "recompute"]
 
 
 def single(*args, input: str | None = None) -> subprocess.CompletedProcess:
@@ -195,8 +188,9 @@ def run(*args):
         code = 0
     except SystemExit as e:
         code = e.code
-    print(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}",
-          file=sys.stderr, flush=True)
+    # one write per line: both ranks share the pipe, and print's separate newline let lines run together
+    sys.stderr.write(f"probe rank={launch_rank()} code={code} threads={distributed.backend_threads()}\\n")
+    sys.stderr.flush()
 
 train = ["train-teacher", "--arch", "mlp", "--epochs", "1", "--device", "cpu", "-q", "--out"]
 run(*train, sys.argv[1])
@@ -218,7 +212,7 @@ def test_teardown_leaves_no_backend_thread_for_interpreter_exit(tmp_path):
     assert (tmp_path / "ok.safetensors").exists()
 
 
-def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(tmp_path):
+def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(runs):
     """--bn-stats recompute with 2 processes: each takes half of every global batch and the ranks'
     averages are averaged, so the first layer's running means are those of one process on the same
     batches; deeper layers see inputs normalised by half batches, hence close, not equal, values."""
@@ -226,10 +220,7 @@ def test_batchnorm_reestimation_under_torchrun_averages_the_ranks_shares(tmp_pat
     from kdfine.models import checkpoint
     from kdfine.train import batchnorm
 
-    out = tmp_path / "bn.safetensors"
-    r = torchrun("train-teacher", "--arch", "mlp", "--epochs", "1", "--seed", "5", "--device", "cpu",
-                 "--bn-stats", "recompute", "--out", out)
-    assert r.returncode == 0, r.stderr
+    r, out = runs["ddp_train"], runs["dir"] / "ddp.safetensors"
     assert sum("BatchNorm statistics re-estimated on" in ln for ln in r.stderr.splitlines()) == 1  # rank 0 says it
     ddp = checkpoint.load(out)
     one = checkpoint.load(out)

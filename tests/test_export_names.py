@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from conftest import run_cli, run_kdfine
 from kdfine.data.export import check_class_names, export_folder, unsafe_component
 from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError
@@ -82,12 +82,12 @@ def test_clean_export_dir_refuses_an_escaping_class(tmp_path):
              classes=np.array(["fine", "../../escaped"]))
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
-    r = run_cli("train-teacher", "--data", f"npz:{tmp_path / 'd.npz'}", "--arch", "mlp-16", "--epochs", "1",
-                "--batch-size", "8", "--device", "cpu", "--out", "m.safetensors", "-q", cwd=work)
+    r = run_kdfine("train-teacher", "--data", f"npz:{tmp_path / 'd.npz'}", "--arch", "mlp-16", "--epochs", "1",
+                   "--batch-size", "8", "--device", "cpu", "--out", "m.safetensors", "-q", cwd=work)
     assert r.returncode == 0, r.stderr
     before = _tree(tmp_path)
-    r = run_cli("clean", "--model", "m.safetensors", "--out", "c.csv", "--export-dir", "out", "--device", "cpu",
-                cwd=work)
+    r = run_kdfine("clean", "--model", "m.safetensors", "--out", "c.csv", "--export-dir", "out", "--device", "cpu",
+                   cwd=work)
     assert r.returncode == 3, r.stderr
     assert "class 1 '../../escaped' cannot be a folder name" in r.stderr
     assert _tree(tmp_path) == before
@@ -98,6 +98,7 @@ def test_info_reads_recorded_parents_only_from_regular_files(tmp_path, digits_te
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta.update(parents=json.dumps(["0" * 64]), parent_paths=json.dumps(["/dev/zero"]))
     save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
+    # a real process: were /dev/zero read, the timeout would end it
     r = run_cli("info", tmp_path / "s.safetensors", "--json", timeout=120)
     assert r.returncode == 0, r.stderr
     node = json.loads(r.stdout)["lineage"][0]

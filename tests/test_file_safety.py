@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_kdfine
 from kdfine.errors import ArgumentError, InputError, KdfineWarning, UsageError
 
 VICTIM = b"a file of the user that kdfine must never write\n"
@@ -156,8 +156,8 @@ def test_a_planted_state_link_is_replaced_not_followed(tmp_path):
     victim = _victim(tmp_path)
     state = tmp_path / "t.safetensors.state.safetensors"
     state.symlink_to(victim)
-    r = run_cli("train-teacher", "--arch", "mlp-16", "--epochs", "2", "--device", "cpu", "-q",
-                "--out", tmp_path / "t.safetensors", cwd=tmp_path)
+    r = run_kdfine("train-teacher", "--arch", "mlp-16", "--epochs", "2", "--device", "cpu", "-q",
+                   "--out", tmp_path / "t.safetensors", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert victim.read_bytes() == VICTIM and not os.path.lexists(state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors", "victim.txt"]
@@ -220,7 +220,7 @@ def test_checkpoints_from_before_content_fingerprints_still_inherit(tmp_path):
 def test_changed_pixels_stop_an_inheriting_command_and_a_resume(tmp_path):
     root = _bmp_tree(tmp_path / "t")
     base = ["train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp-16", "--device", "cpu", "-q"]
-    r = run_cli(*base, "--epochs", "1", "--out", tmp_path / "t.safetensors")
+    r = run_kdfine(*base, "--epochs", "1", "--out", tmp_path / "t.safetensors")
     assert r.returncode == 0, r.stderr
     run = subprocess.Popen([sys.executable, "-m", "kdfine", *base, "--epochs", "500", "--out", tmp_path / "r.safetensors"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
@@ -232,9 +232,9 @@ def test_changed_pixels_stop_an_inheriting_command_and_a_resume(tmp_path):
     _, err = run.communicate(timeout=300)
     assert run.returncode == 130 and state.exists(), err
     _edit_in_place(root / "train" / "fox" / "002.bmp")
-    r = run_cli("eval", "--model", tmp_path / "t.safetensors", "--device", "cpu")
+    r = run_kdfine("eval", "--model", tmp_path / "t.safetensors", "--device", "cpu")
     assert r.returncode == 3 and "has changed since the checkpoint was trained" in r.stderr, r.stderr
-    r = run_cli(*base, "--epochs", "500", "--out", tmp_path / "r.safetensors", "--resume")
+    r = run_kdfine(*base, "--epochs", "500", "--out", tmp_path / "r.safetensors", "--resume")
     assert r.returncode == 2 and "was saved while training on other data (train_set:" in r.stderr, r.stderr
 
 
@@ -350,8 +350,8 @@ def test_an_entry_of_other_bytes_is_decoded_again(tmp_path):
 
 def test_export_links_only_the_files_of_the_tree(tmp_path):
     root = _bmp_tree(tmp_path / "t")
-    r = run_cli("train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp-16", "--epochs", "1", "--device",
-                "cpu", "-q", "--out", tmp_path / "m.safetensors")
+    r = run_kdfine("train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp-16", "--epochs", "1", "--device",
+                   "cpu", "-q", "--out", tmp_path / "m.safetensors")
     assert r.returncode == 0, r.stderr
     entries = list(Path(os.environ["KDFINE_CACHE"], "decoded").glob("*/manifest.json"))
     for p in entries:  # what kdfine 0.x trusted: file names in the manifest
@@ -361,8 +361,8 @@ def test_export_links_only_the_files_of_the_tree(tmp_path):
                 split["names"] = ["/etc/passwd"] * split["files"]
         m["files"] = {"train": ["/etc/passwd"], "test": ["/etc/passwd"]}
         p.write_text(json.dumps(m))
-    r = run_cli("clean", "--model", tmp_path / "m.safetensors", "--out", tmp_path / "c.csv", "--export-dir",
-                tmp_path / "exp", "--device", "cpu", "-q")
+    r = run_kdfine("clean", "--model", tmp_path / "m.safetensors", "--out", tmp_path / "c.csv", "--export-dir",
+                   tmp_path / "exp", "--device", "cpu", "-q")
     assert r.returncode == 0, r.stderr
     tree = {(s.st_dev, s.st_ino) for s in (f.stat() for f in root.rglob("*.bmp"))}
     exported = [f for f in (tmp_path / "exp").rglob("*") if f.is_file()]
@@ -383,10 +383,10 @@ def test_a_cache_that_cannot_grow_costs_memory_not_the_run(tmp_path):
     disk fails with ENOSPC: the decode goes on in memory after one warning."""
     root = _bmp_tree(tmp_path / "t", per_class=12, size=40)  # train.npy: 36 x 40 x 40 x 3 = 173 KB
     model = tmp_path / "m.safetensors"
-    r = run_cli("train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp-16", "--epochs", "1", "--device",
-                "cpu", "-q", "--out", model)
+    r = run_kdfine("train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp-16", "--epochs", "1", "--device",
+                   "cpu", "-q", "--out", model)
     assert r.returncode == 0, r.stderr
-    good = run_cli("eval", "--model", model, "--split", "train", "--device", "cpu", "--json")
+    good = run_kdfine("eval", "--model", model, "--split", "train", "--device", "cpu", "--json")
     assert good.returncode == 0, good.stderr
     small = tmp_path / "small-cache"
     full = subprocess.run([sys.executable, "-m", "kdfine", "eval", "--model", str(model), "--split", "train",
@@ -511,7 +511,7 @@ def test_the_api_raises_the_cli_error_for_a_bad_dump(tmp_path, monkeypatch, name
     d = tmp_path / name
     d.mkdir()
     args = CASES[name].make(d, {})
-    cli = run_cli(*args, cwd=d)
+    cli = run_kdfine(*args, cwd=d)
     assert cli.returncode == CASES[name].code and len(cli.stderr.splitlines()) == 1, cli.stderr
     monkeypatch.chdir(d)
     features, out, kw = _detect_args(args)

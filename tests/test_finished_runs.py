@@ -4,6 +4,9 @@ scratch over the finished checkpoint."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from kdfine import api
@@ -13,11 +16,21 @@ from kdfine.options import TrainConfig
 CFG = dict(epochs=2, batch_size=64, seed=0)
 
 
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory) -> tuple[Path, dict]:
+    """The finished run, trained once for the module, and its record. It is trained with --resume
+    over no file at all: test_resume_without_any_file_starts_from_scratch checks that record."""
+    out = tmp_path_factory.mktemp("finished") / "t.safetensors"
+    doc = api.train_teacher(str(out), cfg=TrainConfig(**CFG), device="cpu", resume=True, quiet=True)
+    assert not Path(f"{out}.state.safetensors").exists()
+    return out, doc
+
+
 @pytest.fixture
-def finished(tmp_path):
+def finished(finished_once, tmp_path):
+    """A copy of the finished run for one test, alone in its directory (no resume state beside it)."""
     out = tmp_path / "t.safetensors"
-    api.train_teacher(str(out), cfg=TrainConfig(**CFG), device="cpu", quiet=True)
-    assert not (tmp_path / "t.safetensors.state.safetensors").exists()
+    shutil.copy(finished_once[0], out)
     return out
 
 
@@ -57,7 +70,6 @@ def test_resume_over_a_file_that_is_no_checkpoint_is_refused(tmp_path):
     assert out.read_bytes() == b"not a checkpoint"
 
 
-def test_resume_without_any_file_starts_from_scratch(tmp_path):
-    out = tmp_path / "new.safetensors"
-    doc = api.train_teacher(str(out), cfg=TrainConfig(**CFG), device="cpu", resume=True, quiet=True)
+def test_resume_without_any_file_starts_from_scratch(finished_once):
+    out, doc = finished_once  # api.train_teacher(out, resume=True) with nothing at out
     assert out.exists() and len(doc["epochs"]) == 2 and not doc.get("already_finished")

@@ -1,5 +1,6 @@
 """`kdfine info`: what a checkpoint records, its size and parameter count, and its lineage found by
-sha256 through recorded paths, files beside it, or --parent."""
+sha256 through recorded paths, files beside it, or --parent. The commands run in process
+(conftest.run_kdfine); a reader closing the pipe early is a real process."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_kdfine
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,9 @@ def chain(tmp_path_factory, digits_teacher) -> dict[str, Path]:
     t = d / "teacher.safetensors"
     shutil.copy(digits_teacher, t)
     s1, s2 = d / "s1.safetensors", d / "s2.safetensors"
-    r = run_cli("distill", "--teacher", t, "--loss", "kl", "--tau", "2", "--epochs", "1", "--out", s1, "-q")
+    r = run_kdfine("distill", "--teacher", t, "--loss", "kl", "--tau", "2", "--epochs", "1", "--out", s1, "-q")
     assert r.returncode == 0, r.stderr
-    r = run_cli("distill", "--teacher", s1, "--arch", "cnn-8", "--epochs", "1", "--out", s2, "-q")
+    r = run_kdfine("distill", "--teacher", s1, "--arch", "cnn-8", "--epochs", "1", "--out", s2, "-q")
     assert r.returncode == 0, r.stderr
     return {"teacher": t, "s1": s1, "s2": s2}
 
@@ -34,7 +35,7 @@ def sha(p: Path) -> str:
 
 
 def info_json(*args) -> dict:
-    r = run_cli("info", *args, "--json")
+    r = run_kdfine("info", *args, "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -74,7 +75,7 @@ def test_lineage_beside_it_after_a_move_and_with_parent(chain, tmp_path):
         assert s1["parents"][0]["found"] is False  # the teacher is neither beside s1 nor at its recorded path
         doc = info_json(moved / "renamed-s2.safetensors", "--parent", elsewhere / "t.safetensors")
         assert Path(doc["lineage"][0]["parents"][0]["path"]).name == "t.safetensors"
-        text = run_cli("info", moved / "renamed-s2.safetensors")
+        text = run_kdfine("info", moved / "renamed-s2.safetensors")
         assert text.returncode == 0 and "not found" in text.stdout and "pass --parent" in text.stdout
     finally:
         for p in chain.values():
@@ -88,7 +89,7 @@ def test_human_output_and_unrelated_parent_warning(chain, digits_teacher, tmp_pa
     other = tmp_path / "other.safetensors"  # a real (untrained) checkpoint outside the lineage
     meta = {k: v for k, v in checkpoint.read_meta(digits_teacher).items() if k not in ("kdfine_version", "schema")}
     checkpoint.save(other, build("mlp-16", 10, 1, 8), {**meta, "arch": "mlp-16"})
-    r = run_cli("info", chain["s2"], "--parent", other)
+    r = run_kdfine("info", chain["s2"], "--parent", other)
     assert r.returncode == 0, r.stderr
     assert "cnn-8" in r.stdout and "distilled from" in r.stdout and "teacher cnn" in r.stdout
     assert "not an ancestor" in r.stderr
@@ -97,9 +98,9 @@ def test_human_output_and_unrelated_parent_warning(chain, digits_teacher, tmp_pa
 def test_bad_input_is_one_line_exit_3(chain, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint")
-    r = run_cli("info", junk)
+    r = run_kdfine("info", junk)
     assert r.returncode == 3 and r.stdout == "" and r.stderr.count("\n") == 1 and "junk.safetensors" in r.stderr
-    r = run_cli("info", chain["s2"], "--parent", junk)
+    r = run_kdfine("info", chain["s2"], "--parent", junk)
     assert r.returncode == 3 and r.stdout == "" and "--parent" in r.stderr
 
 

@@ -1,6 +1,7 @@
 """Machine-readable output: with --json every command prints exactly one JSON document on stdout
 and nothing else; -q leaves stderr empty unless there is an error; progress bars appear only
-when stderr is a terminal."""
+when stderr is a terminal. Each command's success runs as a real process (whatever writes to its
+stdout descriptor counts); the error documents are checked in process."""
 
 from __future__ import annotations
 
@@ -9,34 +10,40 @@ import os
 import pty
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_kdfine
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_teacher, noisy_dump):
-    """Each command once with --json (and -q), from one small pipeline; name -> (args, result)."""
+    """Each command once with --json (and -q), from one small pipeline, two processes at a time
+    (the second phase reads what the first wrote); name -> (args, result)."""
     d = tmp_path_factory.mktemp("json")
-    out = {}
-
-    def go(name, *args):
-        out[name] = (args, run_cli(*args))
-        return out[name][1]
-
     # train-teacher with stderr on a terminal (progress bar) and distill with stderr on a pipe (one
     # line per epoch), both without -q: stdout must still be pure JSON
-    args = ("train-teacher", "--epochs", "2", "--out", d / "t.safetensors", "--log", d / "t.jsonl", "--json")
-    out["train-teacher"] = (args, run_with_tty_stderr(args))
-    assert out["train-teacher"][1].returncode == 0, out["train-teacher"][1].stderr
-    go("distill", "distill", "--teacher", digits_teacher, "--epochs", "2", "--out", d / "s.safetensors", "--json")
-    go("eval", "eval", "--model", digits_teacher, "--model", d / "t.safetensors", "--json", "-q")
-    go("detect-noise", "detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--json", "-q")
-    go("clean", "clean", "--model", digits_teacher, "--out", d / "kept.csv", "--json", "-q")
-    go("info", "info", d / "s.safetensors", "--json", "-q")
-    go("plot-log", "plot-log", d / "t.jsonl", "-o", d / "curves.png", "--json", "-q")
+    first = {"train-teacher": ("train-teacher", "--epochs", "2", "--out", d / "t.safetensors", "--log", d / "t.jsonl",
+                               "--json"),
+             "distill": ("distill", "--teacher", digits_teacher, "--epochs", "2", "--out", d / "s.safetensors",
+                         "--json"),
+             "detect-noise": ("detect-noise", "--features", noisy_dump, "--out", d / "clean.csv", "--json", "-q"),
+             "clean": ("clean", "--model", digits_teacher, "--out", d / "kept.csv", "--json", "-q")}
+    then = {"eval": ("eval", "--model", digits_teacher, "--model", d / "t.safetensors", "--json", "-q"),
+            "info": ("info", d / "s.safetensors", "--json", "-q"),
+            "plot-log": ("plot-log", d / "t.jsonl", "-o", d / "curves.png", "--json", "-q")}
+
+    def go(name, args):
+        return name, (args, run_with_tty_stderr(args) if name == "train-teacher" else run_cli(*args))
+
+    out = {}
+    with ThreadPoolExecutor(2) as pool:
+        out.update(pool.map(go, *zip(*first.items())))
+        assert out["train-teacher"][1].returncode == 0, out["train-teacher"][1].stderr
+        assert out["distill"][1].returncode == 0, out["distill"][1].stderr
+        out.update(pool.map(go, *zip(*then.items())))
     return out
 
 
@@ -74,7 +81,7 @@ def test_json_shapes(runs):
 
 
 def test_quiet_still_reports_errors_in_one_line(tmp_path):
-    r = run_cli("plot-log", tmp_path / "missing.jsonl", "-o", tmp_path / "x.png", "--json", "-q")
+    r = run_kdfine("plot-log", tmp_path / "missing.jsonl", "-o", tmp_path / "x.png", "--json", "-q")
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1 and "missing.jsonl" in r.stderr
     # --json: stdout still holds one JSON document, the error, with the exit code and the stderr line's message
@@ -83,14 +90,15 @@ def test_quiet_still_reports_errors_in_one_line(tmp_path):
 
 
 def test_a_usage_error_under_json_is_a_json_document_too(tmp_path):
-    r = run_cli("detect-noise", "--features", tmp_path / "f.npy", "--out", tmp_path / "k.csv", "--zeta", "2", "--json")
+    r = run_kdfine("detect-noise", "--features", tmp_path / "f.npy", "--out", tmp_path / "k.csv", "--zeta", "2",
+                   "--json")
     assert r.returncode == 2 and json.loads(r.stdout)["error"]["kind"] == "usage" and "--zeta" in r.stderr
-    r = run_cli("eval", "--model", tmp_path / "m.safetensors", "--split", "bogus", "--json")  # refused by the parser
+    r = run_kdfine("eval", "--model", tmp_path / "m.safetensors", "--split", "bogus", "--json")  # refused by the parser
     assert r.returncode == 2 and "bogus" in json.loads(r.stdout)["error"]["message"]
 
 
 def test_csv_and_json_cannot_share_stdout(noisy_dump):
-    r = run_cli("detect-noise", "--features", noisy_dump, "--out", "-", "--json")
+    r = run_kdfine("detect-noise", "--features", noisy_dump, "--out", "-", "--json")
     assert r.returncode == 2 and "--json" in r.stderr
     assert list(json.loads(r.stdout)) == ["error"]  # no CSV: the error document alone
 

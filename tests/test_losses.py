@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import run_kdfine
 from kdfine.errors import UsageError
 from kdfine.models import checkpoint
 from kdfine.options import TrainConfig, resume_keys
@@ -388,9 +388,9 @@ def test_cli_distill_dkd_records_its_options_and_warms_up_per_epoch(digits_teach
     out, log = tmp_path / "dkd.safetensors", tmp_path / "dkd.jsonl"
     # one batch of the whole training set and a learning rate too small to move the weights:
     # each epoch's loss is the same dkd term times that epoch's warm-up factor, 1/4 then 2/4
-    r = run_cli("distill", "--teacher", digits_teacher, "--arch", "mlp-32", "--loss", "dkd", "--tau", "2",
-                "--dkd-alpha", "0.5", "--dkd-beta", "4", "--dkd-warmup", "4", "--epochs", "2", "--lr", "1e-9",
-                "--batch-size", "4096", "--log", log, "--out", out, "-q")
+    r = run_kdfine("distill", "--teacher", digits_teacher, "--arch", "mlp-32", "--loss", "dkd", "--tau", "2",
+                   "--dkd-alpha", "0.5", "--dkd-beta", "4", "--dkd-warmup", "4", "--epochs", "2", "--lr", "1e-9",
+                   "--batch-size", "4096", "--log", log, "--out", out, "-q")
     assert r.returncode == 0, r.stderr
     meta = checkpoint.read_meta(out)
     assert (meta["loss"], meta["tau"], meta["alpha"]) == ("dkd", 2.0, 1.0)
@@ -398,18 +398,18 @@ def test_cli_distill_dkd_records_its_options_and_warms_up_per_epoch(digits_teach
         "dkd_alpha": 0.5, "dkd_beta": 4.0, "dkd_warmup": 4}
     first, second = _epoch_losses(log)
     assert second / first == pytest.approx(2.0, rel=1e-4)
-    r = run_cli("info", out)
+    r = run_kdfine("info", out)
     assert r.returncode == 0, r.stderr
     assert "loss dkd (tau 2.0, alpha 1.0, dkd-alpha 0.5, dkd-beta 4.0, dkd-warmup 4)" in r.stdout
 
 
 def test_cli_distill_kl_std_records_its_loss(digits_teacher, tmp_path):
     out = tmp_path / "std.safetensors"
-    r = run_cli("distill", "--teacher", digits_teacher, "--arch", "mlp-32", "--loss", "kl-std", "--tau", "2",
-                "--alpha", "0.9", "--epochs", "1", "--out", out, "-q")
+    r = run_kdfine("distill", "--teacher", digits_teacher, "--arch", "mlp-32", "--loss", "kl-std", "--tau", "2",
+                   "--alpha", "0.9", "--epochs", "1", "--out", out, "-q")
     assert r.returncode == 0, r.stderr
     meta = checkpoint.read_meta(out)
     assert (meta["loss"], meta["tau"], meta["alpha"]) == ("kl-std", 2.0, 0.9)
     assert meta["config"]["loss"] == "kl-std" and 0.0 <= meta["metrics"]["test_top1"] <= 1.0
-    r = run_cli("info", out)
+    r = run_kdfine("info", out)
     assert r.returncode == 0 and "loss kl-std (tau 2.0, alpha 0.9)" in r.stdout, r.stdout + r.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_kdfine
 from kdfine.errors import InputError, UsageError
 from kdfine.detect.dump import read_dump, write_dump
 from kdfine.files.tables import read_index
@@ -128,8 +128,8 @@ def test_dump_json_fields_are_checked(tmp_path, doc):
 def test_failed_dump_leaves_the_old_set(tmp_path, digits_teacher):
     """Under `ulimit -f`, eval --dump-features fails (exit 3) and the previous dump stays whole."""
     cwd = tmp_path
-    r = run_cli("eval", "--model", digits_teacher, "--split", "train", "--label-noise", "sym:0.2",
-                "--dump-features", "f.npy", "-q", "--device", "cpu", cwd=cwd)
+    r = run_kdfine("eval", "--model", digits_teacher, "--split", "train", "--label-noise", "sym:0.2",
+                   "--dump-features", "f.npy", "-q", "--device", "cpu", cwd=cwd)
     assert r.returncode == 0, r.stderr
     before = _snapshot(cwd)
     assert "f.truth.npy" in before
@@ -144,7 +144,7 @@ def test_failed_dump_leaves_the_old_set(tmp_path, digits_teacher):
     assert p.returncode == 3, p.stderr
     assert "cannot write" in p.stderr and "f.npy" in p.stderr and ".kdfine-" not in p.stderr
     assert _snapshot(cwd) == before
-    r = run_cli("detect-noise", "-f", "f.npy", "-o", "c.csv", "-q", cwd=cwd)
+    r = run_kdfine("detect-noise", "-f", "f.npy", "-o", "c.csv", "-q", cwd=cwd)
     assert r.returncode == 0, r.stderr
 
 
@@ -178,9 +178,9 @@ def test_second_training_run_on_the_same_out_is_refused(tmp_path):
     try:
         deadline = time.time() + 120
         while not (tmp_path / "t.safetensors.lock").exists() and time.time() < deadline:
-            time.sleep(0.2)
-        r = run_cli("train-teacher", "--data", f"npz:{data}", *TRAIN, "--epochs", "1", "--out", "t.safetensors",
-                    "-q", cwd=tmp_path)
+            time.sleep(0.02)
+        r = run_kdfine("train-teacher", "--data", f"npz:{data}", *TRAIN, "--epochs", "1", "--out", "t.safetensors",
+                       "-q", cwd=tmp_path)
         assert r.returncode == 2, r.stderr
         assert f"pid {first.pid}" in r.stderr and len(r.stderr.splitlines()) == 1
     finally:
@@ -194,9 +194,9 @@ def test_second_training_run_on_the_same_out_is_refused(tmp_path):
 
 def test_divergence_stops_with_exit_3_and_no_checkpoint(tmp_path):
     data = _small_npz(tmp_path / "small.npz")
-    r = run_cli("train-teacher", "--data", f"npz:{data}", "--arch", "mlp-16", "--device", "cpu", "--epochs", "2",
-                "--batch-size", "4", "--lr", "10000", "--weight-decay", "1", "--schedule", "constant",
-                "--out", "d.safetensors", "-q", cwd=tmp_path)
+    r = run_kdfine("train-teacher", "--data", f"npz:{data}", "--arch", "mlp-16", "--device", "cpu", "--epochs", "2",
+                   "--batch-size", "4", "--lr", "10000", "--weight-decay", "1", "--schedule", "constant",
+                   "--out", "d.safetensors", "-q", cwd=tmp_path)
     assert r.returncode == 3, r.stderr
     assert "diverged in epoch 1" in r.stderr and "--lr 10000" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.npz"]
@@ -209,12 +209,12 @@ def test_resume_on_changed_data_is_refused(tmp_path):
     run = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "t.safetensors.state.safetensors").exists() and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.02)
     run.send_signal(signal.SIGINT)
     assert run.wait(timeout=120) == 130
     _small_npz(data, n=57)  # three images deleted
-    r = run_cli("train-teacher", "--data", "npz:small.npz", *TRAIN, "--epochs", "500", "--out", "t.safetensors",
-                "--resume", "-q", cwd=tmp_path)
+    r = run_kdfine("train-teacher", "--data", "npz:small.npz", *TRAIN, "--epochs", "500", "--out", "t.safetensors",
+                   "--resume", "-q", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "train_set: '60 samples" in r.stderr and "57 samples" in r.stderr
 
@@ -227,18 +227,18 @@ def test_recorded_data_is_absolute_and_checked(tmp_path):
     _small_npz(a / "small.npz")
     _small_npz(b / "small.npz", n=30, seed=1)
     np.save(a / "shift.npy", (np.arange(60) + 1) % 3)
-    r = run_cli("train-teacher", "--data", "npz:small.npz", "--labels", "shift.npy", *TRAIN, "--epochs", "1",
-                "--out", "t.safetensors", "-q", cwd=a)
+    r = run_kdfine("train-teacher", "--data", "npz:small.npz", "--labels", "shift.npy", *TRAIN, "--epochs", "1",
+                   "--out", "t.safetensors", "-q", cwd=a)
     assert r.returncode == 0, r.stderr
-    r = run_cli("eval", "--model", a / "t.safetensors", "--split", "train", "--json", "--device", "cpu", cwd=b)
+    r = run_kdfine("eval", "--model", a / "t.safetensors", "--split", "train", "--json", "--device", "cpu", cwd=b)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["n"] == 60 and doc["data"] == f"npz:{a / 'small.npz'}"
     np.save(a / "shift.npy", np.arange(60) % 3)
-    r = run_cli("eval", "--model", a / "t.safetensors", "--split", "train", "--device", "cpu", cwd=b)
+    r = run_kdfine("eval", "--model", a / "t.safetensors", "--split", "train", "--device", "cpu", cwd=b)
     assert r.returncode == 3 and "--labels" in r.stderr and "has changed" in r.stderr, r.stderr
     _small_npz(a / "small.npz", seed=2)
-    r = run_cli("eval", "--model", a / "t.safetensors", "--device", "cpu", cwd=b)
+    r = run_kdfine("eval", "--model", a / "t.safetensors", "--device", "cpu", cwd=b)
     assert r.returncode == 3 and "has changed since the checkpoint was trained" in r.stderr, r.stderr
 
 

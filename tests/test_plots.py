@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_kdfine
 
 NOISY_RGB = (0xD6, 0x27, 0x28)  # kdfine.plots.NOISY_COLOUR: bars of wrong labels
 CLEAN_RGB = (0x1F, 0x77, 0xB4)
@@ -35,8 +35,8 @@ def logs(tmp_path_factory):
     the FINE keys (as a run without selection writes)."""
     d = tmp_path_factory.mktemp("logs")
     b = d / "fine.jsonl"
-    r = run_cli("train-teacher", "--arch", "mlp-32", "--epochs", "2", "--label-noise", "sym:0.3", "--fine-warmup",
-                "1", "--fine-every", "1", "--out", d / "f.safetensors", "--log", b, "-q")
+    r = run_kdfine("train-teacher", "--arch", "mlp-32", "--epochs", "2", "--label-noise", "sym:0.3", "--fine-warmup",
+                   "1", "--fine-every", "1", "--out", d / "f.safetensors", "--log", b, "-q")
     assert r.returncode == 0, r.stderr
     a = d / "plain.jsonl"
     a.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if not k.startswith("fine_")}) + "\n"
@@ -46,7 +46,8 @@ def logs(tmp_path_factory):
 
 def test_detect_noise_plot_colours_by_truth(noisy_dump, tmp_path):
     png = tmp_path / "scores.png"
-    r = run_cli("detect-noise", "--features", noisy_dump, "--out", tmp_path / "c.csv", "--plot", png, "--json", "-q")
+    r = run_kdfine("detect-noise", "--features", noisy_dump, "--out", tmp_path / "c.csv", "--plot", png, "--json",
+                   "-q")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["plot"] == str(png)
     img = picture(png)
@@ -55,10 +56,10 @@ def test_detect_noise_plot_colours_by_truth(noisy_dump, tmp_path):
 
 
 def test_eval_plot_one_file_or_a_prefix(digits_teacher, tmp_path):
-    r = run_cli("eval", "--model", digits_teacher, "--plot", tmp_path / "ev.png", "-q")
+    r = run_kdfine("eval", "--model", digits_teacher, "--plot", tmp_path / "ev.png", "-q")
     assert r.returncode == 0, r.stderr
     picture(tmp_path / "ev.png")
-    r = run_cli("eval", "--model", digits_teacher, "--plot", tmp_path / "run1", "--json", "-q")
+    r = run_kdfine("eval", "--model", digits_teacher, "--plot", tmp_path / "run1", "--json", "-q")
     assert r.returncode == 0, r.stderr
     written = json.loads(r.stdout)["plots"]
     assert [Path(p).name for p in written] == ["run1.reliability.png", "run1.confusion.png"]
@@ -68,7 +69,7 @@ def test_eval_plot_one_file_or_a_prefix(digits_teacher, tmp_path):
 
 def test_plot_log_of_two_runs(logs, tmp_path):
     out = tmp_path / "curves.png"
-    r = run_cli("plot-log", *logs, "-o", out)
+    r = run_kdfine("plot-log", *logs, "-o", out)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{out}\n"
     img = picture(out)
@@ -79,14 +80,15 @@ def test_plot_log_of_two_runs(logs, tmp_path):
 def test_plot_log_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"epoch": 1, "loss": 1.0}\nnot json\n')
-    r = run_cli("plot-log", bad, "-o", tmp_path / "x.png")
+    r = run_kdfine("plot-log", bad, "-o", tmp_path / "x.png")
     assert r.returncode == 3 and "line 2" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
-    r = run_cli("plot-log", bad, "-o", tmp_path / "x.txt")
+    r = run_kdfine("plot-log", bad, "-o", tmp_path / "x.txt")
     assert r.returncode == 2 and ".png" in r.stderr
 
 
 def test_missing_matplotlib_is_one_clear_line(noisy_dump, digits_teacher, tmp_path):
+    """A real process: matplotlib must be missing from its start."""
     shadow = tmp_path / "shadow" / "matplotlib"
     shadow.mkdir(parents=True)  # an import of matplotlib fails as it does when it is not installed
     (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", "

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_kdfine, saved_epoch
 from kdfine.options import resume_keys
 from kdfine.runtime import precision as P
 from kdfine.runtime.device import resolve_precision, teacher_precision, training_precision
@@ -181,7 +181,7 @@ def config_of(path: Path) -> dict:
 @pytest.mark.parametrize("option,resolved,why", [("auto", "fp32", "(auto: "), ("bf16", "bf16", "(--precision bf16")])
 def test_header_and_checkpoint_record_the_resolved_precision(tmp_path, option, resolved, why):
     out = tmp_path / "t.safetensors"
-    r = run_cli("train-teacher", "--epochs", "0", "--precision", option, "--out", out, env={P.PROBE_ENV: "0"})
+    r = run_kdfine("train-teacher", "--epochs", "0", "--precision", option, "--out", out, env={P.PROBE_ENV: "0"})
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stderr.splitlines() if x.startswith("precision "))
     assert line.startswith(f"precision {resolved} {why}")
@@ -211,17 +211,6 @@ BASE = ["train-teacher", "--arch", "cnn", "--batch-size", "32", "--epochs", "2",
         "-q"]
 ENV = {"OMP_NUM_THREADS": "1", P.PROBE_ENV: "0"}
 TIMEOUT = 300
-
-
-def saved_epoch(out: Path) -> int:
-    state = Path(f"{out}.state.safetensors")
-    if not state.exists():
-        return 0
-    try:
-        with safe_open(str(state), framework="pt") as f:
-            return int(json.loads(f.metadata()["kdfine_state"])["epoch"])
-    except Exception:  # caught mid-rename: not yet
-        return 0
 
 
 def killed_after_epoch_one(out: Path, args: list[str]) -> int:
@@ -321,8 +310,8 @@ def test_a_resume_in_the_same_precision_is_bit_identical(resumed):
 
 def test_distillation_records_its_teachers_precision(tmp_path, digits_teacher):
     out = tmp_path / "s.safetensors"
-    r = run_cli("distill", "--teacher", digits_teacher, "--epochs", "0", "--precision", "fp32", "--out", out,
-                env={P.PROBE_ENV: "0"})
+    r = run_kdfine("distill", "--teacher", digits_teacher, "--epochs", "0", "--precision", "fp32", "--out", out,
+                   env={P.PROBE_ENV: "0"})
     assert r.returncode == 0, r.stderr
     assert "precision fp32 (--precision fp32); teachers in fp32" in r.stderr
     config = config_of(out)

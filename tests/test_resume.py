@@ -15,18 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import cli_env, run_cli
+from conftest import Run, assert_same_weights, run_cli, saved_epoch, state_of
 
 # cnn on digits with batch 32: about half a second per epoch on one core, long enough to land a
 # signal inside an epoch; OMP_NUM_THREADS=1 so that the reference and the chains can run side by side.
@@ -36,55 +30,6 @@ FINE = ["--label-noise", "sym:0.4", "--fine-warmup", "1", "--fine-every", "1"]
 SENTINEL = b"an older checkpoint that an interrupted run must not touch"
 ENV = {"OMP_NUM_THREADS": "1"}
 TIMEOUT = 180
-
-
-def state_of(out: Path) -> Path:
-    return Path(f"{out}.state.safetensors")
-
-
-def saved_epoch(out: Path) -> int:
-    """The last complete epoch recorded in the resume state beside ``out`` (0 when there is none)."""
-    path = state_of(out)
-    if not path.exists():
-        return 0
-    with safe_open(str(path), framework="pt") as f:
-        return int(json.loads(f.metadata()["kdfine_state"])["epoch"])
-
-
-class Run:
-    """A CLI run in the background that we stop with a signal once it is inside a given epoch."""
-
-    def __init__(self, out: Path, args: list[str], log: Path):
-        self.out, self.log = out, log
-        self.proc = subprocess.Popen([sys.executable, "-m", "kdfine", *BASE, *args, "--out", str(out),
-                                      "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=cli_env(ENV))
-
-    def stop_inside_epoch(self, epoch: int, sig: int) -> subprocess.CompletedProcess:
-        """Wait until epoch ``epoch - 1`` is saved, let epoch ``epoch`` run for a third of an epoch's
-        time, then send ``sig``; returns the finished process."""
-        deadline = time.monotonic() + TIMEOUT
-        while saved_epoch(self.out) < epoch - 1:
-            assert self.proc.poll() is None, f"run ended early: {self.proc.communicate()[1]}"
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.02)
-        seconds = json.loads(self.log.read_text().splitlines()[-1])["time_s"]
-        time.sleep(0.3 * seconds)
-        self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys()
-    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert not different, f"tensors differ after resume: {different[:5]}"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +46,7 @@ def runs(tmp_path_factory):
     def plain_chain():
         out, log = d / "plain.safetensors", d / "plain.jsonl"
         out.write_bytes(SENTINEL)
-        run = Run(out, [], log)
+        run = Run(BASE, out, log, TIMEOUT)
         started.append(run)
         res["sigkill"] = run.stop_inside_epoch(2, signal.SIGKILL)
         res["sigkill_saved"], res["sigkill_out"] = saved_epoch(out), out.read_bytes()
@@ -114,7 +59,7 @@ def runs(tmp_path_factory):
         res["forced"] = run_cli(*BASE, "--out", forced, "--resume", "--force", "--lr", "0.05", "--epochs", "2",
                                 env=ENV)
         res["forced_out"] = forced
-        run = Run(out, ["--resume"], log)
+        run = Run([*BASE, "--resume"], out, log, TIMEOUT)
         started.append(run)
         res["sigterm"] = run.stop_inside_epoch(3, signal.SIGTERM)
         res["sigterm_saved"], res["sigterm_out"] = saved_epoch(out), out.read_bytes()
@@ -124,7 +69,7 @@ def runs(tmp_path_factory):
     def fine_chain():
         out, log = d / "fine.safetensors", d / "fine.jsonl"
         out.write_bytes(SENTINEL)
-        run = Run(out, FINE, log)
+        run = Run([*BASE, *FINE], out, log, TIMEOUT)
         started.append(run)
         res["sigint"] = run.stop_inside_epoch(3, signal.SIGINT)
         res["sigint_saved"], res["sigint_out"] = saved_epoch(out), out.read_bytes()

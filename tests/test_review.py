@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser import Browser, chromium
-from conftest import read_json, run_cli, write_png_tree
+from conftest import read_json, run_kdfine, write_png_tree
 
 from kdfine.data.noise import apply_noise
 from kdfine.data.sources import load_source
@@ -57,8 +57,8 @@ def digits_dump(tmp_path_factory) -> Path:
 def detected(digits_dump, tmp_path_factory):
     """detect-noise with every output of this issue, run once."""
     d = tmp_path_factory.mktemp("review")
-    r = run_cli("detect-noise", "-f", digits_dump, "--out", d / "clean.csv", "--noisy-out", d / "noisy.csv",
-                "--labels-out", d / "labels.csv", "--review", d / "review.html", "--json")
+    r = run_kdfine("detect-noise", "-f", digits_dump, "--out", d / "clean.csv", "--noisy-out", d / "noisy.csv",
+                   "--labels-out", d / "labels.csv", "--review", d / "review.html", "--json")
     assert r.returncode == 0, r.stderr
     return d, read_json(r.stdout)
 
@@ -88,13 +88,13 @@ def test_csvs_carry_suggestions_and_class_names(detected, digits_dump):
     np.testing.assert_array_equal([int(r["label"]) for r in labels], want)
     assert doc["suggest"]["relabelled"] == int((want != y).sum()) > 0
     assert doc["suggest"]["labels_right_after"] > doc["suggest"]["labels_right_before"]  # relabelling helps here
-    r = run_cli("detect-noise", "-f", digits_dump, "--out", d / "c2.csv", "--labels-out", d / "l2.csv",
-                "--relabel-min-p", "1", "-q")
+    r = run_kdfine("detect-noise", "-f", digits_dump, "--out", d / "c2.csv", "--labels-out", d / "l2.csv",
+                   "--relabel-min-p", "1", "-q")
     assert r.returncode == 0, r.stderr
     assert [int(x["label"]) for x in rows_of(d / "l2.csv")[1]] == y.tolist()  # nothing is that sure
-    r = run_cli("detect-noise", "-f", digits_dump, "--out", d / "c2.csv", "--labels-out", "-", "-q")
-    assert r.returncode == 0 and r.stdout == (d / "labels.csv").read_text()  # a pipe takes it too
-    r = run_cli("detect-noise", "-f", digits_dump, "--out", "-", "--labels-out", "-")
+    r = run_kdfine("detect-noise", "-f", digits_dump, "--out", d / "c2.csv", "--labels-out", "-", "-q")
+    assert r.returncode == 0 and r.stdout == (d / "labels.csv").read_text()  # stdout takes it too
+    r = run_kdfine("detect-noise", "-f", digits_dump, "--out", "-", "--labels-out", "-")
     assert r.returncode == 2 and r.stdout == "" and "both want stdout" in r.stderr
 
 
@@ -176,8 +176,8 @@ def test_review_in_a_browser_then_retrain_on_the_decisions(detected, browser, tm
     assert all(int(r["label"]) == y[int(r["index"])] for r in labels if int(r["index"]) != first)
     kept = [int(r["index"]) for r in rows_of(keep_csv)[1]]
     assert kept == sorted(set(range(len(y))) - set(s["index"]) | {first})
-    r = run_cli("train-teacher", "--labels", labels_csv, "--keep", keep_csv, "--epochs", "1", "--out",
-                tmp_path / "t.safetensors")
+    r = run_kdfine("train-teacher", "--labels", labels_csv, "--keep", keep_csv, "--epochs", "1", "--out",
+                   tmp_path / "t.safetensors")
     assert r.returncode == 0, r.stderr
     assert f"{len(kept)} kept by --keep" in r.stderr
 
@@ -259,13 +259,13 @@ def test_image_folder_rows_carry_their_files(tmp_path):
     for args in (("train-teacher", "--data", f"imagefolder:{root}", "--epochs", "1", "--image-size", "16",
                   "--out", ck, "-q"),
                  ("eval", "--model", ck, "--split", "train", "--dump-features", dump, "-q")):
-        r = run_cli(*args)
+        r = run_kdfine(*args)
         assert r.returncode == 0, r.stderr
     info = json.loads(dump.with_suffix(".json").read_text())
     assert info["root"] == str(root.resolve()) and info["paths"][0] == "train/=emu/000.png"
     assert "train/cat/zz rotated.jpg" in info["paths"] and len(info["paths"]) == info["n"] == 25
-    r = run_cli("detect-noise", "-f", dump, "--zeta", "0.99", "--out", tmp_path / "c.csv",
-                "--noisy-out", tmp_path / "n.csv", "--review", tmp_path / "r.html")
+    r = run_kdfine("detect-noise", "-f", dump, "--zeta", "0.99", "--out", tmp_path / "c.csv",
+                   "--noisy-out", tmp_path / "n.csv", "--review", tmp_path / "r.html")
     assert r.returncode == 0, r.stderr
     assert "dog,fox" in r.stderr  # the report names the classes
     header, rows = rows_of(tmp_path / "n.csv")
@@ -280,8 +280,8 @@ def test_image_folder_rows_carry_their_files(tmp_path):
     np.testing.assert_array_equal(thumb, decode_image(root / "train/cat/zz rotated.jpg", DecodeSpec(SIZE, 3))[0])
     assert thumb[:20].mean() > 200 and thumb[-30:].mean() < 60  # upright: the bar is on top
     # clean: the same outputs in one step, and an exported tree that keeps the files' names
-    r = run_cli("clean", "--model", ck, "--zeta", "0.99", "--out", tmp_path / "c3.csv", "--labels-out",
-                tmp_path / "l3.csv", "--review", tmp_path / "r3.html", "--export-dir", tmp_path / "out", "--json")
+    r = run_kdfine("clean", "--model", ck, "--zeta", "0.99", "--out", tmp_path / "c3.csv", "--labels-out",
+                   tmp_path / "l3.csv", "--review", tmp_path / "r3.html", "--export-dir", tmp_path / "out", "--json")
     assert r.returncode == 0, r.stderr
     assert len(rows_of(tmp_path / "l3.csv")[1]) == 25 and page_data(tmp_path / "r3.html")["suspects"]["path"]
     kept = [info["paths"][int(x["index"])] for x in rows_of(tmp_path / "c3.csv")[1]]

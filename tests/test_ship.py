@@ -1,9 +1,9 @@
 """What a user ships: the ONNX file that predict runs without torch, and predictions whose names
 and paths are safe in a spreadsheet and on a terminal.
 
-The ONNX file and the checkpoint must give the same rows on the awkward image folder of
-test_decode (decoded from the file's own metadata); the ONNX run happens in a process where
-importing torch fails. Class names beginning with ``=`` and holding escape sequences, and file
+The ONNX file and the checkpoint must give the same rows on the awkward image folder that
+test_decode uses too (decoded from the file's own metadata); the ONNX run happens in a process
+where importing torch fails. Class names beginning with ``=`` and holding escape sequences, and file
 names that are not UTF-8, go through predict, the CSV and ``info``.
 """
 
@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, awkward_folder, awkward_images, cli_env, run_cli, run_kdfine
 from kdfine import api
 from kdfine.files.text import csv_cell, printable
 from kdfine.options import DataOptions, TrainConfig
-from test_decode import awkward_folder
 
 NO_TORCH = "raise ImportError('torch is blocked by the test: predict --model FILE.onnx must not need it')\n"
 
@@ -79,8 +78,9 @@ def test_onnx_predict_gives_the_checkpoints_rows_without_torch(shipped, tmp_path
 def test_onnx_predict_writes_the_same_csv(shipped, tmp_path):
     root, ck, onnx = shipped
     for model, name in ((ck, "ck.csv"), (onnx, "onnx.csv")):
-        r = run_cli("predict", "--model", model, root / "test", "--out", tmp_path / name, "-q", "--device", "cpu",
-                    env=_blocked_env(tmp_path) if model == onnx else None)
+        run = run_cli if model == onnx else run_kdfine  # the ONNX file: in a process where torch cannot be imported
+        r = run("predict", "--model", model, root / "test", "--out", tmp_path / name, "-q", "--device", "cpu",
+                env=_blocked_env(tmp_path) if model == onnx else None)
         assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / name), r.stderr
     a, b = ((tmp_path / n).read_text().splitlines() for n in ("ck.csv", "onnx.csv"))
     assert [row.split(",")[:2] for row in a] == [row.split(",")[:2] for row in b] and len(a) == 23
@@ -111,8 +111,8 @@ def hostile(tmp_path_factory):
     x = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     np.savez(d / "data.npz", x=x, y=np.arange(40) % 2, classes=np.array(names))
     ck = d / "m.safetensors"
-    r = run_cli("train-teacher", "--data", f"npz:{d / 'data.npz'}", "--arch", "mlp-16", "--epochs", "1",
-                "--batch-size", "8", "--device", "cpu", "--out", ck, "-q")
+    r = run_kdfine("train-teacher", "--data", f"npz:{d / 'data.npz'}", "--arch", "mlp-16", "--epochs", "1",
+                   "--batch-size", "8", "--device", "cpu", "--out", ck, "-q")
     assert r.returncode == 0, r.stderr
     imgs = d / "imgs"
     imgs.mkdir()
@@ -123,7 +123,7 @@ def hostile(tmp_path_factory):
 
 def test_predict_csv_has_no_formula_and_no_escape(hostile, tmp_path):
     ck, imgs, names = hostile
-    r = run_cli("predict", "--model", ck, imgs, "--top-k", "2", "--out", tmp_path / "p.csv", "--device", "cpu")
+    r = run_kdfine("predict", "--model", ck, imgs, "--top-k", "2", "--out", tmp_path / "p.csv", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "p.csv").read_bytes().decode("utf-8")  # valid UTF-8 despite the file name
     assert "\x1b" not in text and "\x07" not in text
@@ -136,7 +136,7 @@ def test_predict_csv_has_no_formula_and_no_escape(hostile, tmp_path):
 
 def test_predict_to_a_strict_utf8_stdout_and_json_keep_working(hostile):
     ck, imgs, names = hostile
-    env = {"PYTHONIOENCODING": "utf-8:strict"}
+    env = {"PYTHONIOENCODING": "utf-8:strict"}  # a real process: the encoding of its stdout is the case
     r = run_cli("predict", "--model", ck, imgs, "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout and "b\\xff\\xfe.png" in r.stdout
@@ -149,18 +149,17 @@ def test_predict_to_a_strict_utf8_stdout_and_json_keep_working(hostile):
 
 def test_info_prints_no_control_characters(hostile):
     ck, _, names = hostile
-    r = run_cli("info", ck)
+    r = run_kdfine("info", ck)
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout
     assert "red\\x1b[31mALERT\\x1b]0;pwned\\x07" in r.stdout
-    doc = json.loads(run_cli("info", ck, "--json").stdout)
+    doc = json.loads(run_kdfine("info", ck, "--json").stdout)
     assert doc["classes"] == names
 
 
 def test_the_guides_decoding_is_kdfines(tmp_path):
     """docs/shipping.md's ``load`` (for users who run the ONNX file themselves) gives the decoder's pixels."""
     from kdfine.data.decode import DecodeSpec, decode
-    from test_decode import awkward_images
 
     text = (ROOT / "docs" / "shipping.md").read_text()
     block = next(b for b in text.split("```python")[1:] if "def load(" in b).split("```")[0]

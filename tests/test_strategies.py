@@ -1,23 +1,19 @@
 """FINE's three applications end to end (``--fine-strategy select|coteach|dividemix``, with
-``--loss gce|sce``): real CLI runs on digits whose checkpoints eval, info and distill read; the log
-and the record of both networks; resume of a two-network run after SIGKILL is bit-identical;
-torchrun with 2 CPU processes runs each strategy."""
+``--loss gce|sce``): CLI runs on digits (in process) whose checkpoints eval, info and distill read;
+the log and the record of both networks; resume of a two-network run after SIGKILL is
+bit-identical (real processes); torchrun with 2 CPU processes runs each strategy."""
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from conftest import cli_env, run_cli
-from test_resume import BASE as RESUME_BASE
-from test_resume import Run, assert_same_weights, state_of
+from conftest import Run, assert_same_weights, run_cli, run_kdfine, state_of, torchrun
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
@@ -26,12 +22,8 @@ TRAIN = ["train-teacher", "--arch", "mlp", "--epochs", "3", "--fine-warmup", "1"
 RUNS = {"select": ["--loss", "gce"], "coteach": ["--fine-strategy", "coteach", "--loss", "sce"],
         "dividemix": ["--fine-strategy", "dividemix"]}
 LOSS_OF = {"select": "gce", "coteach": "sce", "dividemix": "ce"}
-
-
-def torchrun(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdfine", "--", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(ENV), timeout=TIMEOUT)
+# test_resume's command (its --arch cnn is replaced by --arch mlp: two networks of its cnn are too slow)
+RESUME_BASE = ["train-teacher", "--batch-size", "32", "--epochs", "3", "--seed", "3", "--device", "cpu", "-q"]
 
 
 def meta_of(path: Path) -> dict:
@@ -41,17 +33,10 @@ def meta_of(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Each strategy trained for 3 epochs (selections before epochs 2 and 3), side by side."""
+    """Each strategy trained for 3 epochs (selections before epochs 2 and 3), in process."""
     d = tmp_path_factory.mktemp("strategies")
-
-    def train(name):
-        out = d / f"{name}.safetensors"
-        r = run_cli(*TRAIN, *RUNS[name], "--out", out, "--log", d / f"{name}.jsonl", "--json", env=ENV,
-                    timeout=TIMEOUT)
-        return name, r
-
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(pool.map(train, RUNS))
+    results = {name: run_kdfine(*TRAIN, *RUNS[name], "--out", d / f"{name}.safetensors", "--log", d / f"{name}.jsonl",
+                                "--json", env=ENV) for name in RUNS}
     for name, r in results.items():
         assert r.returncode == 0, f"{name}: {r.stderr}"
     return d, results
@@ -110,12 +95,11 @@ def test_bad_strategy_options_are_one_line_usage_errors(cli, tmp_path):
 def test_two_network_run_resumes_bit_identically_after_sigkill(tmp_path, name):
     """SIGKILL inside epoch 3 (selections before epochs 2 and 3), --resume, the same weights as an
     uninterrupted run: both networks, both optimizers and both selections come back."""
-    # test_resume's command with --arch mlp (the last --arch wins): two networks of its cnn are too slow
     args = [*NOISE, "--arch", "mlp", "--fine-strategy", name, "--fine-warmup", "1", "--fine-every", "1"]
     ref_out, out, log = tmp_path / "ref.safetensors", tmp_path / "run.safetensors", tmp_path / "run.jsonl"
     with ThreadPoolExecutor(2) as pool:
         ref = pool.submit(run_cli, *RESUME_BASE, *args, "--out", ref_out, env=ENV, timeout=TIMEOUT)
-        run = Run(out, args, log)
+        run = Run([*RESUME_BASE, *args], out, log, TIMEOUT)
         try:
             killed = run.stop_inside_epoch(3, signal.SIGKILL)
         finally:

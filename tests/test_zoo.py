@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, read_json, run_cli, write_png_tree
+from conftest import ROOT, read_json, run_cli, run_kdfine, write_png_tree
 
 SMALL_TV, SMALL_TIMM = "tv:mobilenet_v3_small", "timm:resnet18"
 DEAD_PROXY = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -52,8 +52,8 @@ def tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tv_ckpt(tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tvck") / "tv.safetensors"
-    r = run_cli("train-teacher", "--data", f"imagefolder:{tree}", "--arch", SMALL_TV, "--epochs", "1",
-                "--batch-size", "6", "--out", out, "-q", env={"KDFINE_CACHE": str(out.parent / "cache")})
+    r = run_kdfine("train-teacher", "--data", f"imagefolder:{tree}", "--arch", SMALL_TV, "--epochs", "1",
+                   "--batch-size", "6", "--out", out, "-q", env={"KDFINE_CACHE": str(out.parent / "cache")})
     assert r.returncode == 0, r.stderr
     return out
 
@@ -61,8 +61,8 @@ def tv_ckpt(tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def timm_ckpt(tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("timmck") / "timm.safetensors"
-    r = run_cli("train-teacher", "--data", f"imagefolder:{tree}", "--arch", SMALL_TIMM, "--epochs", "0", "--out", out,
-                "-q", env={"KDFINE_CACHE": str(out.parent / "cache")})
+    r = run_kdfine("train-teacher", "--data", f"imagefolder:{tree}", "--arch", SMALL_TIMM, "--epochs", "0",
+                   "--out", out, "-q", env={"KDFINE_CACHE": str(out.parent / "cache")})
     assert r.returncode == 0, r.stderr
     return out
 
@@ -103,12 +103,12 @@ def test_unknown_tv_arch_is_exit_2(cli):
     assert r.returncode == 2 and "tv:resnet_nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_timm_missing_names_the_extra(tmp_path, cli):
+def test_timm_missing_names_the_extra(tmp_path):
     block = tmp_path / "block"
     (block / "timm").mkdir(parents=True)
     (block / "timm" / "__init__.py").write_text("raise ImportError('timm blocked by the test')\n")
-    r = cli("train-teacher", "--arch", SMALL_TIMM, "--out", tmp_path / "x.safetensors",
-            env={"PYTHONPATH": f"{ROOT}{os.pathsep}{block}"})
+    r = run_cli("train-teacher", "--arch", SMALL_TIMM, "--out", tmp_path / "x.safetensors",  # a process without timm
+                env={"PYTHONPATH": f"{ROOT}{os.pathsep}{block}"})
     assert r.returncode == 2, r.stderr
     assert "pip install 'kdfine[timm]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
@@ -174,7 +174,7 @@ def test_init_from_safetensors_timm_and_kdfine_checkpoint(tree, tmp_path, cli, t
     assert r.returncode == 3 and "does not fit" in r.stderr and not bad.exists(), r.stderr
 
 
-def test_pretrained_weights_are_checked_before_the_data(tmp_path, cli):
+def test_pretrained_weights_are_checked_before_the_data(tmp_path):
     """Offline with an empty cache, then with a stray file under torchvision's name: one line, exit
     3, before the data (a folder that does not exist) is even looked at."""
     env = offline_env(tmp_path)
@@ -182,14 +182,14 @@ def test_pretrained_weights_are_checked_before_the_data(tmp_path, cli):
     out = tmp_path / "p.safetensors"
     args = ("train-teacher", "--data", f"imagefolder:{tmp_path / 'no-such-folder'}", "--arch", SMALL_TV,
             "--pretrained", "--epochs", "0", "--out", out)
-    r = cli(*args, env=env)
+    r = run_cli(*args, env=env)
     assert r.returncode == 3, r.stderr
     assert str(folder) in r.stderr and "mobilenet_v3_small-047dcff4.pth" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     torch.manual_seed(3)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(torchvision_state_dict(), folder / "mobilenet_v3_small-047dcff4.pth")
-    r = cli(*args, env=env)
+    r = run_cli(*args, env=env)
     assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "is not the published weights file" in r.stderr and "047dcff4" in r.stderr and not out.exists()
 
@@ -242,7 +242,7 @@ def hf_cache_entry(hf_home: Path, repo: str, filename: str, data: bytes) -> Path
     return blob
 
 
-def test_timm_pretrained_from_the_cache_offline_then_a_damaged_blob(tree, tmp_path, cli):
+def test_timm_pretrained_from_the_cache_offline_then_a_damaged_blob(tree, tmp_path):
     """timm weights in the Hugging Face cache load with the network off (backbone intact under
     --freeze-backbone, the weights' 160 px chosen with a warning: 16 px images upscaled 10x);
     a blob whose bytes no longer match its sha256 name is refused before training."""
@@ -256,7 +256,7 @@ def test_timm_pretrained_from_the_cache_offline_then_a_damaged_blob(tree, tmp_pa
     out = tmp_path / "t.safetensors"
     args = ("train-teacher", "--data", f"imagefolder:{tree}", "--arch", TIMM_TINY, "--pretrained",
             "--freeze-backbone", "--epochs", "1", "--batch-size", "6", "--out", out)
-    r = cli(*args, env=env)
+    r = run_cli(*args, env=env)
     assert r.returncode == 0, r.stderr
     got = tensors(out)
     for k, v in sd.items():
@@ -267,17 +267,17 @@ def test_timm_pretrained_from_the_cache_offline_then_a_damaged_blob(tree, tmp_pa
     assert "input 160x160 px (resized from 16x16, 10.0x), augmentation rrc-flip, normalised with the pretrained " \
            "weights' mean 0.500,0.500,0.500" in r.stderr
     blob.write_bytes(blob.read_bytes()[:-1] + b"x")
-    r = cli(*args, env=env)
+    r = run_cli(*args, env=env)
     assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "does not match the sha256 the cache names it by" in r.stderr
 
 
-def test_timm_pretrained_offline_names_the_cache(tree, tmp_path, cli):
+def test_timm_pretrained_offline_names_the_cache(tree, tmp_path):
     """No file and no hub: one line at once (no retries), naming the cache; before the data."""
     env = offline_env(tmp_path)
     del env["HF_HUB_OFFLINE"]  # the hub cannot be reached (dead proxy, no sockets): found out at once
-    r = cli("train-teacher", "--data", f"imagefolder:{tmp_path / 'none'}", "--arch", SMALL_TIMM, "--pretrained",
-            "--epochs", "0", "--out", tmp_path / "x.safetensors", env=env)
+    r = run_cli("train-teacher", "--data", f"imagefolder:{tmp_path / 'none'}", "--arch", SMALL_TIMM, "--pretrained",
+                "--epochs", "0", "--out", tmp_path / "x.safetensors", env=env)
     assert r.returncode == 3, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Retrying" not in r.stderr, r.stderr
     assert str(tmp_path / "hf-home") in r.stderr and "timm/resnet18" in r.stderr and "cannot be reached" in r.stderr
@@ -367,8 +367,8 @@ def test_torchscript_export_and_missing_onnx(tv_ckpt, tree, tmp_path, cli):
     block = tmp_path / "block"
     (block / "onnxruntime").mkdir(parents=True)
     (block / "onnxruntime" / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
-    r = cli("export", "--model", tv_ckpt, "--out", tmp_path / "m.onnx",
-            env={"PYTHONPATH": f"{ROOT}{os.pathsep}{block}"})
+    r = run_cli("export", "--model", tv_ckpt, "--out", tmp_path / "m.onnx",  # a process without onnxruntime
+                env={"PYTHONPATH": f"{ROOT}{os.pathsep}{block}"})
     assert r.returncode == 2 and "kdfine[export]" in r.stderr and not (tmp_path / "m.onnx").exists(), r.stderr
 
 

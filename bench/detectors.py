@@ -63,8 +63,8 @@ def setup(name: str, args: argparse.Namespace, out: Path) -> tuple[rf.Setup, np.
         labels[rf.read_index(keep)] = -1  # disjoint from the detection subset
         rf.write_index(other, _balanced_excluding(labels, args.per_class))
     train = ["--lr", "0.1", "--schedule", "cosine", "--eval-every", "100", "--image-size", str(args.image_size)]
-    noisy = rf.Setup("cifar10", f"imagefolder:{root}", "resnet20", args.epochs, train, 0, 0, keep=keep)
-    backbone = rf.Setup("cifar10", f"imagefolder:{root}", "resnet20", args.epochs, train, 0, 0, keep=other)
+    noisy = rf.Setup("cifar10", f"imagefolder:{root}", args.arch, args.epochs, train, 0, 0, keep=keep)
+    backbone = rf.Setup("cifar10", f"imagefolder:{root}", args.arch, args.epochs, train, 0, 0, keep=other)
     return noisy, rf.read_index(keep), backbone, rf.read_index(keep)
 
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated noise specs [default: %(default)s]")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "detectors", help="cache [default: %(default)s]")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=4, help="cifar10: resnet20 epochs per model [default: 4]")
+    p.add_argument("--arch", default="resnet20", help="cifar10: the network of every model [default: resnet20]")
+    p.add_argument("--epochs", type=int, default=4, help="cifar10: epochs per model [default: 4]")
     p.add_argument("--image-size", type=int, default=16,
                    help="cifar10: images resized to this (16: a quarter of the compute of 32) [default: 16]")
     p.add_argument("--per-class", type=int, default=1000, help="cifar10: training images per class")

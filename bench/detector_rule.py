@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,13 +36,16 @@ import benchinfo  # noqa: E402
 REFERENCE = ("gmm", "small-loss", "cleanlab")
 
 
-def dumps(synthetic: Path | None, real: Path | None) -> list[tuple[str, Path]]:
-    """(set name, dump path) of every dump found, synthetic first."""
+def dumps(synthetic: list[Path], real: Path | None) -> list[tuple[str, Path]]:
+    """(set name, dump path) of every dump found, synthetic first (a second and later ``synthetic``
+    folder's sets are named with its folder's name: other seeds)."""
     out = []
-    for data in ("digits", "cifar10"):
-        for p in sorted((synthetic / data).glob("f-*.npy")) if synthetic else []:
-            if not p.name.endswith((".labels.npy", ".logits.npy", ".truth.npy", ".index.npy")):
-                out.append((f"{data} {p.stem[2:]}", p))
+    for i, folder in enumerate(synthetic):
+        tag = "" if i == 0 else f" [{folder.name}]"
+        for data in ("digits", "cifar10"):
+            for p in sorted((folder / data).glob("f-*.npy")):
+                if not p.name.endswith((".labels.npy", ".logits.npy", ".truth.npy", ".index.npy")):
+                    out.append((f"{data} {p.stem[2:]}{tag}", p))
     for p in sorted(real.glob("*/features.npy")) if real else []:
         out.append((f"cifar10n {p.parent.name}", p))
     return out
@@ -72,17 +76,25 @@ def cached_components(path: Path, cache: Path | None) -> dict[str, Any]:
     return out
 
 
+def detector_output(path: Path, method: str) -> dict[str, np.ndarray]:
+    """keep, p and score of ``detect-noise --method`` on one dump, as the code is now."""
+    from kdfine.detect import command
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det, _, _, _ = command.detect_noise(str(path), method=method)
+    return {"keep": det.keep, "p": np.asarray(det.p_clean, float), "score": np.asarray(det.scores, float)}
+
+
 def components(path: Path) -> dict[str, Any]:
     """Every base detector's keep mask, posterior and score on one dump, and the truth."""
     import detectors as bd
     from kdfine.detect import command
 
-    got: dict[str, Any] = {}
+    got: dict[str, Any] = {m: detector_output(path, m) for m in ("gmm", "small-loss", "knn", "auto")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for m in ("gmm", "small-loss", "knn", "auto"):
-            det, _, labels, truth = command.detect_noise(str(path), method=m)
-            got[m] = {"keep": det.keep, "p": np.asarray(det.p_clean, float), "score": np.asarray(det.scores, float)}
+        _, _, labels, truth = command.detect_noise(str(path), method="small-loss")
         keep, score, _ = bd.cleanlab_detect(path)
         got["cleanlab"] = {"keep": np.asarray(keep, bool), "p": None, "score": np.asarray(score, float)}
     from kdfine.detect import dump as d
@@ -112,35 +124,92 @@ def _p_mean(c: dict[str, Any], names: tuple[str, ...]) -> np.ndarray:
     return np.mean([c[m]["p"] for m in names], axis=0)
 
 
-def dawid_skene(votes: np.ndarray, iters: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Latent-class EM (Dawid & Skene 1979) on binary votes (N, J), 1 = keep: returns P(clean) (N,),
-    sensitivity a (J,) = P(keep | clean) and false-keep rate b (J,) = P(keep | noisy)."""
-    v = votes.astype(float)
-    p = v.mean(axis=1)  # start: the share of detectors that keep
-    for _ in range(iters):
-        pi = np.clip(p.mean(), 1e-6, 1 - 1e-6)
-        a = np.clip((p @ v) / p.sum(), 1e-6, 1 - 1e-6)
-        b = np.clip(((1 - p) @ v) / (1 - p).sum(), 1e-6, 1 - 1e-6)
-        lc = np.log(pi) + v @ np.log(a) + (1 - v) @ np.log(1 - a)
-        ln = np.log(1 - pi) + v @ np.log(b) + (1 - v) @ np.log(1 - b)
-        new = 1 / (1 + np.exp(ln - lc))
-        if np.max(np.abs(new - p)) < 1e-9:
-            p = new
+_EPS = 1e-6
+
+
+@dataclass
+class LatentFit:
+    """The fitted model: ``p_clean`` (N,) = P(clean | the sample's votes), ``sensitivity`` a (J,),
+    ``false_keep`` b (J,), ``clean_share`` pi, ``weights`` (J,) each vote's log-odds weight
+    log(a (1 - b) / (b (1 - a))) (0 for a detector that keeps noisy samples at least as often as clean
+    ones), ``iterations`` of EM."""
+
+    p_clean: np.ndarray
+    sensitivity: np.ndarray
+    false_keep: np.ndarray
+    clean_share: float
+    weights: np.ndarray
+    iterations: int
+
+
+def fit_votes(votes: np.ndarray, *, max_iter: int = 500, tol: float = 1e-10) -> LatentFit:
+    """EM for the two-class latent-class model on binary ``votes`` (N, J), True = keep.
+
+    Starts from each pattern's share of keep votes as its P(clean), so that the "clean" class is
+    the one most detectors keep (and kept so: the class with the higher mean keep rate is "clean");
+    stops when no pattern's posterior moves by more than ``tol``.
+    """
+    votes = np.asarray(votes, dtype=bool)
+    n, j = votes.shape
+    codes = votes.astype(np.int64) @ (1 << np.arange(j))  # each sample's vote pattern
+    counts = np.bincount(codes, minlength=1 << j).astype(np.float64)
+    patterns = (np.arange(1 << j)[:, None] >> np.arange(j)) & 1  # (2^J, J) 0/1
+    post = patterns.mean(axis=1)
+    it = 0
+    for it in range(1, max_iter + 1):
+        pi, a, b = _m_step(post, counts, patterns)
+        new = _e_step(pi, a, b, patterns)
+        done = np.max(np.abs(new - post)) < tol
+        post = new
+        if done:
             break
-        p = new
-    return p, a, b
+    pi, a, b = _m_step(post, counts, patterns)
+    if a.mean() < b.mean():  # EM swapped the classes: "clean" is the class the detectors keep more
+        post, pi, a, b = 1 - post, 1 - pi, b, a
+    weights = np.maximum(np.log(a * (1 - b)) - np.log(b * (1 - a)), 0.0)
+    return LatentFit(post[codes], a, b, float(pi), weights, it)
+
+
+def _m_step(post: np.ndarray, counts: np.ndarray, patterns: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """pi, a (J,), b (J,) from the patterns' posteriors (2^J,) and counts (2^J,), clipped into (0, 1)."""
+    clean = post * counts
+    noisy = (1 - post) * counts
+    pi = np.clip(clean.sum() / max(counts.sum(), 1.0), _EPS, 1 - _EPS)
+    a = np.clip(clean @ patterns / max(clean.sum(), _EPS), _EPS, 1 - _EPS)
+    b = np.clip(noisy @ patterns / max(noisy.sum(), _EPS), _EPS, 1 - _EPS)
+    return float(pi), a, b
+
+
+def _e_step(pi: float, a: np.ndarray, b: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """P(clean | pattern) for every pattern (2^J,)."""
+    log_clean = np.log(pi) + patterns @ np.log(a) + (1 - patterns) @ np.log(1 - a)
+    log_noisy = np.log(1 - pi) + patterns @ np.log(b) + (1 - patterns) @ np.log(1 - b)
+    return 1.0 / (1.0 + np.exp(log_noisy - log_clean))
 
 
 def _ds(c: dict[str, Any], names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    p, a, b = dawid_skene(np.stack([c[m]["keep"] for m in names], axis=1))
-    w = np.log(a / b) + np.log((1 - b) / (1 - a))  # each voter's weight in the posterior's log-odds
-    w = np.maximum(w, 0)
+    """The votes read by :func:`fit_votes`; score: the ranks averaged with the votes' log-odds weights."""
+    fit = fit_votes(np.stack([c[m]["keep"] for m in names], axis=1))
+    p, w = fit.p_clean, fit.weights
     score = np.sum([wj * _ranks(c[m]["score"]) for wj, m in zip(w, names)], axis=0) / max(w.sum(), 1e-12)
     return p > 0.5, score
 
 
+def _blend(c: dict[str, Any], rule: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """``rule`` where the model fits the labels FINE rejects (m = 1), small-loss where it does not
+    (m = 0), linear between: today's auto's step 5 around another combination."""
+    from kdfine.detect.auto import memorisation
+
+    m = memorisation(c["fit_rate"], float(np.mean(~c["gmm"]["keep"])))
+    keep, score = rule(c)
+    p = m * keep + (1 - m) * c["small-loss"]["p"]
+    return p > 0.5, m * _ranks(score) + (1 - m) * _ranks(c["small-loss"]["score"])
+
+
 #: candidate rules: dump components -> (keep, score); none reads the truth
 CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]]] = {
+    "auto (this code)": lambda c: (c["auto-now"]["keep"], c["auto-now"]["score"]),
+    "keep all": lambda c: (np.ones(c["clean"].size, bool), np.zeros(c["clean"].size)),
     "auto (today)": lambda c: (c["auto"]["keep"], c["auto"]["score"]),
     "gmm": lambda c: (c["gmm"]["keep"], c["gmm"]["score"]),
     "small-loss": lambda c: (c["small-loss"]["keep"], c["small-loss"]["score"]),
@@ -150,6 +219,12 @@ CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]]]
     "mean p gmm, small-loss, knn": lambda c: (_p_mean(c, ("gmm", "small-loss", "knn")) > 0.5,
                                               _p_mean(c, ("gmm", "small-loss", "knn"))),
     "dawid-skene gmm, small-loss, knn": lambda c: _ds(c, ("gmm", "small-loss", "knn")),
+    "m-blend: dawid-skene / small-loss": lambda c: _blend(c, lambda c: _ds(c, ("gmm", "small-loss", "knn"))),
+    "m-blend: knn / small-loss": lambda c: _blend(c, lambda c: (c["knn"]["keep"], c["knn"]["score"])),
+    "auto (today) or knn": lambda c: (c["auto"]["keep"] | c["knn"]["keep"], _rank_mean(c, ("auto", "knn"))),
+    "vote auto (today), small-loss, knn": lambda c: (_vote(c, ("auto", "small-loss", "knn")),
+                                                     _rank_mean(c, ("auto", "small-loss", "knn"))),
+    "auto (today) keep, rank mean with knn": lambda c: (c["auto"]["keep"], _rank_mean(c, ("auto", "knn"))),
     "mean p gmm, small-loss": lambda c: (_p_mean(c, ("gmm", "small-loss")) > 0.5, _p_mean(c, ("gmm", "small-loss"))),
 }
 
@@ -180,7 +255,7 @@ def loso(results: dict[str, dict[str, dict[str, float]]]) -> list[list[Any]]:
     names = list(results)
     for held in names:
         fit_on = [n for n in names if n != held]
-        worst = {c: min(results[n][c]["gap"] for n in fit_on) for c in CANDIDATES}
+        worst = {c: min(results[n][c]["gap"] for n in fit_on) for c in CANDIDATES if c != "keep all"}
         pick = max(worst, key=worst.get)
         rows.append([held, pick, f"{worst[pick]:+.3f}", f"{results[held][pick]['gap']:+.3f}",
                      "all others" if len(fit_on) == len(names) - 1 else ", ".join(fit_on)])
@@ -189,12 +264,15 @@ def loso(results: dict[str, dict[str, dict[str, float]]]) -> list[list[Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--synthetic", type=Path, help="bench/detectors.py's --out")
+    p.add_argument("--synthetic", type=Path, nargs="*", default=[], help="bench/detectors.py's --out (several: "
+                   "one per --seed)")
     p.add_argument("--real", type=Path, help="bench/real_noise.py's --out")
     p.add_argument("--cache", type=Path, help="keep the base detectors' outputs here between runs")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     comps = {name: cached_components(path, args.cache) for name, path in dumps(args.synthetic, args.real)}
+    for name, path in dumps(args.synthetic, args.real):  # today's auto, never from the cache
+        comps[name]["auto-now"] = detector_output(path, "auto")
     results = evaluate(comps)
     cands = list(CANDIDATES)
     table = [[n, f"{100 * (1 - comps[n]['clean'].mean()):.1f}", f"{comps[n]['fit_rate']:.2f}",

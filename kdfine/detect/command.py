@@ -9,6 +9,7 @@ libraries at import).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from kdfine import metrics
 from kdfine.detect import dump as dumps
 from kdfine.detect import Detection, detect, fine, needs_logits
 from kdfine.detect.suggest import suggest
-from kdfine.detect.base import NonFiniteFeatures, NonFiniteLogits
+from kdfine.detect.base import FineWarning, NonFiniteFeatures, NonFiniteLogits
 from kdfine.errors import InputError
 from kdfine.files.outputs import Outputs
 from kdfine.files.rows import CHUNK, load_npy, row_blocks
@@ -89,6 +90,10 @@ def run_detector(inp: Inputs, *, zeta: float = 0.5, method: str = "gmm", vectors
         basis = read_index(vectors_from, n, "--vectors-from")
         if basis.size == 0:
             raise InputError(f"--vectors-from {vectors_from}: lists no indices; the eigenvectors need some samples")
+    if method == "auto" and dump.logits is None:  # the default on a features-only dump: FINE is all there is
+        warnings.warn(f"--method auto: {features_path} has no logits sidecar, so the loss is unknown; "
+                      "running FINE (gmm) alone", FineWarning, stacklevel=2)
+        method = "gmm"
     logits = _logits(inp, method) if needs_logits(method) else None
     if method == "knn":  # the neighbour search does not notice NaN by itself
         _check_finite(dump.features, features_path)

@@ -145,15 +145,19 @@ def test_auto_and_knn_name_what_they_chose(noisy_dump, tmp_path):
 
 def test_auto_without_logits_runs_fine_alone(noisy_dump, tmp_path):
     """The default (auto) on a dump without logits, a features-only one (e.g. a backbone's), is FINE's
-    gmm, with one warning line; small-loss, which needs the logits, fails cleanly."""
+    gmm, and the report says so; small-loss, which needs the logits, fails cleanly."""
     bare = tmp_path / "bare.npy"
     np.save(bare, np.load(noisy_dump))
     np.save(tmp_path / "bare.labels.npy", sidecars(noisy_dump)[0])
     r = run_cli("detect-noise", "-f", bare, "--out", tmp_path / "c.csv", "--json")
     assert r.returncode == 0, r.stderr
-    assert read_json(r.stdout)["method"] == "gmm" and "no logits sidecar" in r.stderr
+    doc = read_json(r.stdout)
+    assert doc["method"] == "gmm" and doc["requested_method"] == "auto" and "no logits sidecar" in doc["note"]
     g = run_cli("detect-noise", "-f", bare, "--method", "gmm", "--out", tmp_path / "g.csv")
     assert g.returncode == 0 and (tmp_path / "g.csv").read_text() == (tmp_path / "c.csv").read_text()
+    assert "no logits sidecar" not in g.stderr
+    r = run_cli("detect-noise", "-f", bare, "--out", tmp_path / "c2.csv")
+    assert r.returncode == 0 and "gmm on" in r.stderr and "no logits sidecar" in r.stderr
     r = run_cli("detect-noise", "-f", bare, "--method", "small-loss", "--out", tmp_path / "s.csv")
     assert r.returncode == 3 and "logits sidecar" in r.stderr and not (tmp_path / "s.csv").exists()
 

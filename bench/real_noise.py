@@ -104,19 +104,25 @@ def fitted(path: Path) -> dict[str, float]:
 
 
 def detect_all(run: rf.Runner, path: Path, d: Path, index: np.ndarray) -> dict[str, Any]:
-    """Every detector on the dump: quality, seconds and whether the cached kept-index CSV (the one
-    the retrained models used) still matches today's selection."""
+    """Every detector on the dump: quality, seconds and a digest of today's selection (compared with
+    the kept-index CSV the retrained models used when the rows are reported)."""
     out = {}
     for m in DETECTORS:
         keep, q, seconds = detector_keep(m, path)
         csv = d / f"keep-{m}.csv"
         if not csv.exists():
             rf.write_index(csv, index[keep])
-        q["stale"] = not np.array_equal(rf.read_index(csv), index[keep])
+        q["selection"] = _digest(index[keep])  # compared with the CSV when the rows are reported
         q["seconds"], q["kept"] = round(seconds, 3), int(keep.sum())
         out[m] = q
         run.record(f"{d.name}/detect-{m}", seconds)
     return out
+
+
+def _digest(rows: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def detector_keep(method: str, path: Path) -> tuple[np.ndarray, dict[str, Any], float]:
@@ -198,6 +204,8 @@ def result_rows(run: rf.Runner, name: str, d: Path, path: Path, det: dict[str, A
     """One label set's JSON record: detection, fit of the noisy model, accuracy per row and seed."""
     acc = {row: {str(seed): accuracy(d / f"{row}-s{seed}.safetensors") for seed in seeds}
            for row in ("ce", *DETECTORS, "dividemix")}
+    for m, q in det.items():  # stale: the models trained on another selection than today's code makes
+        q["stale"] = _digest(rf.read_index(d / f"keep-{m}.csv")) != q.pop("selection")
     return {"labels": name, "n": int(np.load(path, mmap_mode="r").shape[0]), "fit": fitted(path),
             "detectors": det, "test_top1": acc,
             "seconds": {k.split("/", 1)[1]: v for k, v in run.times.items() if k.startswith(name + "/")}}

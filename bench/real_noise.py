@@ -24,7 +24,12 @@ is written once; when a detector's selection changes afterwards (a new rule), it
 in ``--out`` the run waits before its next step. Prints JSON lines, then Markdown tables with the
 command, the date, the machine load and the seconds of each step.
 
-    python bench/real_noise.py --cifar-root /path/to/cifar10-jpeg --per-class 1000 --epochs 15
+    python bench/real_noise.py --cifar-root /path/to/cifar10-jpeg
+    python bench/real_noise.py --cifar-root DIR --arch resnet20 --image-size 32 --per-class 5000 \
+        --epochs 60 --device cuda
+
+The defaults (an MLP, 500 images per class at 16 px, 20 epochs) are what two loaded CPU cores
+allowed for every row and seed (bench/RESULTS.md, "Real human label noise").
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ def setup(name: str, args: argparse.Namespace, out: Path) -> tuple[rf.Setup, np.
         labels[rf.read_index(keep)] = -1  # disjoint from the detection subset
         rf.write_index(other, _balanced_excluding(labels, args.per_class))
     train = ["--lr", "0.1", "--schedule", "cosine", "--eval-every", "100", "--image-size", str(args.image_size)]
-    noisy = rf.Setup("cifar10", f"imagefolder:{root}", "resnet20", args.epochs, train, 0, 0, keep=keep)
-    backbone = rf.Setup("cifar10", f"imagefolder:{root}", "resnet20", args.epochs, train, 0, 0, keep=other)
+    noisy = rf.Setup("cifar10", f"imagefolder:{root}", args.arch, args.epochs, train, 0, 0, keep=keep)
+    backbone = rf.Setup("cifar10", f"imagefolder:{root}", args.arch, args.epochs, train, 0, 0, keep=other)
     return noisy, rf.read_index(keep), backbone, rf.read_index(keep)
 
 
@@ -74,24 +74,25 @@ def _balanced_excluding(labels: np.ndarray, per_class: int) -> np.ndarray:
     return ok[benchinfo.balanced_indices(labels[ok], per_class, seed=1)]
 
 
-def train(run: rf.Runner, s: rf.Setup, noise: str | None, path: Path, device: str) -> None:
-    """``train-teacher`` on ``s`` (its ``--keep`` rows), with ``noise`` or clean labels; cached."""
+def train(run: rf.Runner, s: rf.Setup, noise: str | None, path: Path, device: str, seed: int = 0) -> None:
+    """``train-teacher`` on ``s`` (its ``--keep`` rows), with ``noise`` or clean labels; ``seed``: of the
+    training and of the noise; cached."""
     args = ["--data", s.data, "--arch", s.arch, "--epochs", str(s.epochs), *s.train_args, "--device", device,
-            "--resume", "--seed", "0"]
+            "--resume", "--seed", str(seed)]
     if noise:
-        args += ["--label-noise", noise]
+        args += ["--label-noise", noise, "--noise-seed", str(seed)]
     if s.keep is not None:
         args += ["--keep", s.keep]
     run.kdfine(f"{s.name}/{path.stem}", path, "train-teacher", *args, "--log", path.with_suffix(".jsonl"),
                "--out", path, "-q")
 
 
-def dump(model: Path, s: rf.Setup, noise: str, rows: np.ndarray, dest: Path, device: str) -> Path:
+def dump(model: Path, s: rf.Setup, noise: str, rows: np.ndarray, dest: Path, device: str, seed: int = 0) -> Path:
     """Features, logits, noisy labels and truth of ``rows`` under ``model``; cached."""
     if not dest.exists():
         rf.note(f"features of {model.name} on {rows.size} rows ({noise}) -> {dest}")
         size = int(s.train_args[s.train_args.index("--image-size") + 1]) if "--image-size" in s.train_args else None
-        rf.subset_dump(model, s, noise, rows, dest, device, image_size=size)
+        rf.subset_dump(model, s, noise, rows, dest, device, image_size=size, noise_seed=seed)
     return dest
 
 
@@ -101,14 +102,15 @@ def prepare(name: str, args: argparse.Namespace, run: rf.Runner) -> list[tuple[s
     out.mkdir(parents=True, exist_ok=True)
     noisy, rows, backbone, knn_rows = setup(name, args, out)
     clean_model = out / "backbone.safetensors"
-    train(run, backbone, None, clean_model, args.device)
+    train(run, backbone, None, clean_model, args.device, args.seed)
     dumps = []
     for noise in args.noise:
         model = out / f"ce-{rf.slug(noise)}.safetensors"
-        train(run, noisy, noise, model, args.device)
-        dumps.append((noise, "noisy", dump(model, noisy, noise, rows, out / f"f-{rf.slug(noise)}.npy", args.device)))
+        train(run, noisy, noise, model, args.device, args.seed)
+        dumps.append((noise, "noisy", dump(model, noisy, noise, rows, out / f"f-{rf.slug(noise)}.npy", args.device,
+                                           args.seed)))
         dumps.append((noise, "clean backbone", dump(clean_model, backbone, noise, knn_rows,
-                                                   out / f"b-{rf.slug(noise)}.npy", args.device)))
+                                                   out / f"b-{rf.slug(noise)}.npy", args.device, args.seed)))
     return dumps
 
 
@@ -190,12 +192,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated noise specs [default: %(default)s]")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "detectors", help="cache [default: %(default)s]")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=4, help="cifar10: resnet20 epochs per model [default: 4]")
+    p.add_argument("--arch", default="resnet20", help="cifar10: the network of every model [default: resnet20]")
+    p.add_argument("--epochs", type=int, default=4, help="cifar10: epochs per model [default: 4]")
     p.add_argument("--image-size", type=int, default=16,
                    help="cifar10: images resized to this (16: a quarter of the compute of 32) [default: 16]")
     p.add_argument("--per-class", type=int, default=1000, help="cifar10: training images per class")
     p.add_argument("--cifar-root", help="the CIFAR-10 JPEG ImageFolder tree [default: the archive, extracted]")
     p.add_argument("--archive", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the training and of the label noise: another "
+                   "seed, other sets (give another --out) [default: 0]")
     p.add_argument("--prepare-only", action="store_true", help="train and dump, detect nothing")
     args = p.parse_args(argv)
     args.out = args.out.resolve()

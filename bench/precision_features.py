@@ -97,7 +97,7 @@ def dumps(out: Path, ck: Path, data: str, noise: str) -> dict[str, dict[str, Any
             r[split] = f
         keep = out / f"keep-{p}.csv"
         if not keep.exists():
-            kdfine("detect-noise", "--features", r["train"], "--out", keep)
+            kdfine("detect-noise", "--features", r["train"], "--method", "gmm", "--out", keep)
         r["keep"] = keep
         res[p] = r
     return res

@@ -73,7 +73,7 @@ def cell(noise: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]
     records = []
     for p in args.min_p:
         labels = d / f"labels-{p}.csv"
-        rep = kdfine("detect-noise", "-f", dump, "--out", d / "clean.csv", "--labels-out", labels,
+        rep = kdfine("detect-noise", "-f", dump, "--method", "gmm", "--out", d / "clean.csv", "--labels-out", labels,
                      "--relabel-min-p", p, out=None)
         records.append({"kind": "detection", "noise": noise, "seed": seed, "min_p": p, **rep["suggest"],
                         "truth": rep.get("truth")})

@@ -158,10 +158,11 @@ def read_index(path: Path) -> np.ndarray:
 
 
 def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Path, device: str,
-                image_size: int | None = None) -> None:
+                image_size: int | None = None, labels: str | None = None, noise_seed: int = 0) -> None:
     """What ``eval --split train --dump-features`` writes, for the ``--keep`` rows only (the samples
     the model was trained on), through the library: the CLI's eval always covers the whole split.
-    ``<dest>.index.npy`` maps the dump's rows back to dataset indices."""
+    ``labels``: a ``--labels`` file replacing the training labels (then the truth sidecar holds the
+    data's own labels). ``<dest>.index.npy`` maps the dump's rows back to dataset indices."""
     from kdfine import api, features
     from kdfine.detect import dump as dumps
     from kdfine.models import checkpoint
@@ -171,15 +172,17 @@ def subset_dump(model: Path, s: "Setup", noise: str, keep: np.ndarray, dest: Pat
 
     ctx = distributed.setup(device)
     ck = checkpoint.load(model, "cpu", "--model")
-    prep = prepare(api.DataOptions(data=s.data, label_noise=noise, image_size=image_size))
+    prep = prepare(api.DataOptions(data=s.data, label_noise=noise, image_size=image_size, labels=labels,
+                                   noise_seed=noise_seed))
     train = prep.train
+    truth = prep.truth if prep.truth is not None else prep.source.train.labels
     f, z = features.extract(ck.model.to(ctx.device), train.images[keep], ck.meta["mean"], ck.meta["std"],
                             device=ctx.device, channels_last=use_channels_last("auto", ctx.device))
-    info = {"checkpoint": str(model), "data": s.data, "split": "train", "label_noise": noise, "noise_seed": 0,
+    info = {"checkpoint": str(model), "data": s.data, "split": "train", "label_noise": noise, "noise_seed": noise_seed,
             "num_classes": train.num_classes, "classes": train.classes, "n": int(keep.size), "dim": int(f.shape[1]),
-            "keep": str(s.keep)}
+            "keep": str(s.keep), "labels": labels}
     np.save(str(dest)[:-4] + ".index.npy", keep)
-    dumps.write_dump(dest, f, z, train.labels[keep], info, prep.truth[keep])
+    dumps.write_dump(dest, f, z, train.labels[keep], info, truth[keep])
 
 
 # ----------------------------------------------------------------------------------- running
@@ -251,8 +254,8 @@ def run_cell(run: Runner, s: Setup, noise: str, device: str, scale: str) -> dict
         t0 = time.perf_counter()
         subset_dump(d / "ce.safetensors", s, noise, read_index(s.keep), dump, device)
         run.record(f"{key}/dump", time.perf_counter() - t0)
-    run.kdfine(f"{key}/fine", d / "fine.json", "detect-noise", "--features", dump, "--out", d / "fine_clean.csv",
-               "--json", stdout=d / "fine.json")
+    run.kdfine(f"{key}/fine", d / "fine.json", "detect-noise", "--features", dump, "--method", "gmm", "--out",
+               d / "fine_clean.csv", "--json", stdout=d / "fine.json")
     run.kdfine(f"{key}/small-loss", d / "small_loss.json", "detect-noise", "--features", dump, "--method",
                "small-loss", "--out", d / "small_loss_clean.csv", "--json", stdout=d / "small_loss.json")
     # (b2) CE retrained on FINE's selection (indices of the dataset, not of the dump)

@@ -484,8 +484,9 @@ class DetectOptions(Options):
 
     zeta: float = opt(0.5, "--zeta", "Keep samples with P(clean) above this.", panel=P_DETECT, low=0.0, high=1.0,
                       high_open=True)
-    method: str = opt("gmm", "--method", "gmm (FINE), kmeans (FINE with 2-means), small-loss (GMM on "
-                      "cross-entropy, from the logits sidecar), auto (FINE and the loss together) or knn "
+    method: str = opt("auto", "--method", "auto (FINE, the loss and the neighbours' labels together; FINE's "
+                      "gmm alone when the dump has no logits), gmm (FINE, the official method), kmeans (FINE "
+                      "with 2-means), small-loss (GMM on cross-entropy, from the logits sidecar) or knn "
                       "(neighbours' labels, no training).", panel=P_DETECT, choices=_methods)
     seed: int = opt(0, "--seed", "Seed of the mixture fit (GMM or 2-means).", panel=P_DETECT, low=0, high=SEED_MAX)
     relabel_min_p: float = opt(0.5, "--relabel-min-p", "--labels-out relabels a rejected sample when its suggested "

@@ -64,7 +64,7 @@ def test_json_report_per_class_and_truth_metrics(detected, noisy_dump):
     _, noisy = read_rows((d / "noisy.csv").read_text())
     kept = np.zeros(labels.size, bool)
     kept[[int(r["index"]) for r in clean]] = True
-    assert doc["method"] == "gmm" and doc["n"] == labels.size and doc["kept"] == kept.sum()
+    assert doc["method"] == "auto" and doc["n"] == labels.size and doc["kept"] == kept.sum()  # the default
     assert doc["estimated_noise_rate"] == pytest.approx(1 - kept.mean())
     assert [c["label"] for c in doc["classes"]] == list(range(10))
     for c in doc["classes"]:
@@ -81,7 +81,7 @@ def test_json_report_per_class_and_truth_metrics(detected, noisy_dump):
     for r in clean + noisy:
         scores[int(r["index"])] = float(r["score"])
     assert q["auroc"] == pytest.approx(roc_auc_score(~is_clean, -scores), abs=1e-4)
-    assert q["f1"] > 0.9 and q["auroc"] > 0.95  # FINE finds the wrong labels on this easy data
+    assert q["f1"] > 0.9 and q["auroc"] > 0.95  # auto finds the wrong labels on this easy data
 
 
 def test_out_dash_writes_the_csv_to_stdout_and_the_report_to_stderr(detected, noisy_dump):
@@ -99,8 +99,8 @@ def test_out_dash_writes_the_csv_to_stdout_and_the_report_to_stderr(detected, no
 
 def test_vectors_from_a_previous_selection(detected, noisy_dump, tmp_path):
     d, _ = detected
-    r = run_kdfine("detect-noise", "-f", noisy_dump, "--vectors-from", d / "clean.csv", "--out", tmp_path / "c2.csv",
-                "--json")
+    r = run_kdfine("detect-noise", "-f", noisy_dump, "--method", "gmm", "--vectors-from", d / "clean.csv",
+                "--out", tmp_path / "c2.csv", "--json")
     assert r.returncode == 0, r.stderr
     labels, _, _ = sidecars(noisy_dump)
     basis = np.array([int(r["index"]) for r in read_rows((d / "clean.csv").read_text())[1]])
@@ -147,12 +147,23 @@ def test_auto_and_knn_name_what_they_chose(noisy_dump, tmp_path):
     assert (tmp_path / "a2.csv").read_text() == (tmp_path / "auto.csv").read_text()  # deterministic
 
 
-def test_auto_without_logits_fails_cleanly(noisy_dump, tmp_path):
+def test_auto_without_logits_runs_fine_alone(noisy_dump, tmp_path):
+    """The default (auto) on a dump without logits, a features-only one (e.g. a backbone's), is FINE's
+    gmm, and the report says so; small-loss, which needs the logits, fails cleanly."""
     bare = tmp_path / "bare.npy"
     np.save(bare, np.load(noisy_dump))
     np.save(tmp_path / "bare.labels.npy", sidecars(noisy_dump)[0])
-    r = run_kdfine("detect-noise", "-f", bare, "--method", "auto", "--out", tmp_path / "c.csv")
-    assert r.returncode == 3 and "logits sidecar" in r.stderr and not (tmp_path / "c.csv").exists()
+    r = run_kdfine("detect-noise", "-f", bare, "--out", tmp_path / "c.csv", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = read_json(r.stdout)
+    assert doc["method"] == "gmm" and doc["requested_method"] == "auto" and "no logits sidecar" in doc["note"]
+    g = run_kdfine("detect-noise", "-f", bare, "--method", "gmm", "--out", tmp_path / "g.csv")
+    assert g.returncode == 0 and (tmp_path / "g.csv").read_text() == (tmp_path / "c.csv").read_text()
+    assert "no logits sidecar" not in g.stderr
+    r = run_kdfine("detect-noise", "-f", bare, "--out", tmp_path / "c2.csv")
+    assert r.returncode == 0 and "gmm on" in r.stderr and "no logits sidecar" in r.stderr
+    r = run_kdfine("detect-noise", "-f", bare, "--method", "small-loss", "--out", tmp_path / "s.csv")
+    assert r.returncode == 3 and "logits sidecar" in r.stderr and not (tmp_path / "s.csv").exists()
 
 
 def test_bad_labels_fail_cleanly(noisy_dump, tmp_path):

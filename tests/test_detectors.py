@@ -79,6 +79,7 @@ def test_auto_through_detect_uses_both_signals():
     logits = np.where(np.arange(4)[None, :] == truth[:, None], 2.0, 0.0) + np.random.default_rng(5).normal(0, 1, (labels.size, 4))
     det = detect(x, labels, 4, method="auto", logits=logits)
     assert det.method == "auto" and set(det.detail["weights"]) == {"fine", "loss"}
+    assert 0 <= det.detail["kept_by_the_neighbours_only"] <= det.clean_index.size
     assert all(c.note.startswith("auto: FINE") for c in det.classes)
     assert metrics.detection(det.keep, labels == truth, det.scores)["f1"] > 0.9
     with pytest.raises(ValueError, match="needs logits"):
@@ -113,6 +114,44 @@ def test_auto_follows_the_loss_when_the_model_has_not_fitted_the_wrong_labels():
     half = auto.combine(*args, fit_rate=1 - 0.5 * np.mean(det.p_clean <= 0.5))
     assert half.memorised == pytest.approx(0.5)
     assert half.weights["loss"] == pytest.approx(0.5 * full.weights["loss"] + 0.5)
+
+
+def test_knn_counts_are_the_labels_own_and_best_other_votes():
+    x, labels, _ = clusters(8)
+    own, other, k = knn.knn_counts(x, labels, k=7)
+    nb = np.concatenate([b for _, b in knn.neighbour_labels(x, labels, k=7)])
+    for i in range(0, labels.size, 37):
+        counts = np.bincount(nb[i], minlength=4)
+        assert own[i] == counts[labels[i]]
+        assert other[i] == np.delete(counts, labels[i]).max()
+    assert k == 7 and np.array_equal(knn.knn_split(x, labels, k=7)[0], own >= other)
+
+
+def test_neighbour_posterior_is_above_a_half_exactly_when_knn_keeps():
+    own, other = np.meshgrid(np.arange(11), np.arange(11))
+    ok = own + other <= 10
+    p = auto.neighbour_posterior(own[ok], other[ok])
+    assert np.array_equal(p > 0.5, own[ok] >= other[ok]) and ((0 < p) & (p <= 1)).all()
+
+
+def test_with_neighbours_rejects_only_what_both_views_reject():
+    """Step 6: keep = steps 1-5 keep OR the neighbours keep; p_clean the larger of the two; the score
+    is steps 1-5's alone when m = 0 and the mean of the two ranks when m = 1."""
+    x, labels, truth = clusters(9, noise=0.4)
+    det = detect(x, labels, 4)
+    loss = np.where(labels == truth, 0.2, 1.5) + np.random.default_rng(9).normal(0, 0.8, labels.size)
+    c = auto.combine(det.scores, det.p_clean, loss, np.clip(1.2 - loss, 0, 1), labels, 4, fit_rate=1.0)
+    own, other, k = knn.knn_counts(x, labels)
+    p_knn = auto.neighbour_posterior(own, other)
+    keep, p, score = auto.with_neighbours(c, p_knn, own / k)
+    assert np.array_equal(keep, c.keep | (own >= other)) and np.array_equal(p, np.maximum(c.p_clean, p_knn))
+    assert np.array_equal(keep, p > 0.5)
+    clean = labels == truth
+    assert metrics.detection(keep, clean)["recall"] >= metrics.detection(c.keep, clean)["recall"]
+    assert np.allclose(score, (auto.ranks01(c.score) + c.memorised * auto.ranks01(own / k)) / (1 + c.memorised))
+    c.memorised = 0.0
+    assert np.array_equal(np.argsort(auto.with_neighbours(c, p_knn, own / k)[2], kind="stable"),
+                          np.argsort(auto.ranks01(c.score), kind="stable"))
 
 
 def test_take_rows_reads_a_memmap_with_positional_reads(tmp_path):

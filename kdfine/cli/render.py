@@ -85,6 +85,8 @@ def detection_report(report: dict[str, Any]) -> list[Any]:
                    f"AUROC {q.get('auroc', float('nan')):.4f}")
     if "suggest" in report:
         out.append(suggestion_line(report["suggest"]))
+    if "note" in report:  # e.g. auto without logits ran FINE alone
+        out.append(printable(report["note"]))
     return out
 
 

@@ -89,6 +89,8 @@ def run_detector(inp: Inputs, *, zeta: float = 0.5, method: str = "gmm", vectors
         basis = read_index(vectors_from, n, "--vectors-from")
         if basis.size == 0:
             raise InputError(f"--vectors-from {vectors_from}: lists no indices; the eigenvectors need some samples")
+    fell_back = method == "auto" and dump.logits is None  # the default on a features-only dump: FINE alone
+    method = "gmm" if fell_back else method
     logits = _logits(inp, method) if needs_logits(method) else None
     if method == "knn":  # the neighbour search does not notice NaN by itself
         _check_finite(dump.features, features_path)
@@ -101,6 +103,9 @@ def run_detector(inp: Inputs, *, zeta: float = 0.5, method: str = "gmm", vectors
         raise InputError(f"--features {features_path}: values too large (their squares overflow float32); "
                          "rescale the features") from None
     report = det.summary()
+    if fell_back:  # in the report (and the table's title), not a warning: an error after it stays one line
+        report["requested_method"] = "auto"
+        report["note"] = f"auto: {features_path} has no logits sidecar, so the loss is unknown: FINE (gmm) alone"
     names = dumps.class_names(dump.info, k)
     for c in report.get("classes", []) if names else ():  # the class names where the dump has them
         c["name"] = names[c["label"]]

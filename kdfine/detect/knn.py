@@ -71,16 +71,26 @@ def knn_split(features, labels, *, k: int = K, reference: int = REFERENCE,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``keep`` (N,) bool (the label is a most frequent neighbour label) and ``score`` (N,) the
     fraction of the k neighbours that share the label."""
+    own, other, k = knn_counts(features, labels, k=k, reference=reference, seed=seed)
+    return own >= other, own / k
+
+
+def knn_counts(features, labels, *, k: int = K, reference: int = REFERENCE,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per row, how many of its k nearest neighbours carry its label (``own``, (N,)) and the count of
+    the most frequent *other* label among them (``other``, (N,), 0 when all agree); and k as used."""
     labels = np.asarray(labels, dtype=np.int64)
-    keep = np.empty(labels.size, dtype=bool)
-    score = np.empty(labels.size)
+    own = np.empty(labels.size, dtype=np.int64)
+    other = np.empty(labels.size, dtype=np.int64)
+    used = k
     for lo, nb in neighbour_labels(features, labels, k=k, reference=reference, seed=seed):
         y = labels[lo:lo + nb.shape[0]]
-        own = (nb == y[:, None]).sum(axis=1)
-        top = (nb[:, :, None] == nb[:, None, :]).sum(axis=2).max(axis=1)  # the most frequent label's count
-        keep[lo:lo + y.size] = own >= top
-        score[lo:lo + y.size] = own / nb.shape[1]
-    return keep, score
+        same = nb == y[:, None]
+        counts = (nb[:, :, None] == nb[:, None, :]).sum(axis=2)  # each neighbour's label's count
+        own[lo:lo + y.size] = same.sum(axis=1)
+        other[lo:lo + y.size] = np.where(same, 0, counts).max(axis=1)
+        used = nb.shape[1]
+    return own, other, used
 
 
 @DETECTORS.register("knn", title="knn agreement", xlabel="share of the nearest neighbours with the same label")

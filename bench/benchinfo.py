@@ -55,6 +55,14 @@ def now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def print_report(title: str, table: str, note: str) -> None:
+    """A Markdown section for bench/RESULTS.md: title, table, then the machine, the date, ``note``
+    (e.g. the load) and the command that made it."""
+    m = machine()
+    print(f"\n### {title}\n\n{table}\n\n{m['cpu']}, {m['cores']} cores; torch {m.get('torch', '?')}; "
+          f"{now()}; {note}\nCommand: `{command_line()}`", flush=True)
+
+
 def emit(record: dict[str, Any]) -> None:
     """One measurement as one JSON line on stdout, flushed at once (a long run shows progress)."""
     print(json.dumps(record, sort_keys=False), flush=True)

@@ -319,10 +319,8 @@ def main() -> None:
     finally:
         if not args.workdir and not args.keep_files:
             shutil.rmtree(work, ignore_errors=True)
-    m = benchinfo.machine()
-    print(f"\n### detect-noise: kdfine vs the official FINE approach\n\n{summary(records)}\n\n"
-          f"{m['cpu']}, {m['cores']} cores; {benchinfo.now()}; load before/after in the JSON lines.\n"
-          f"Command: `{benchinfo.command_line()}`", flush=True)
+    benchinfo.print_report("detect-noise: kdfine vs the official FINE approach", summary(records),
+                           "load before/after in the JSON lines.")
 
 
 if __name__ == "__main__":

@@ -12,18 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The first interpreter that has torch: $PYTHON, the project's .venv, python3, python.
-PY=""
-for candidate in ${PYTHON:-} .venv/bin/python python3 python; do
-  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch, torchvision' 2>/dev/null; then
-    PY=$candidate
-    break
-  fi
-done
-if [[ -z "$PY" ]]; then
-  echo "gpu_check: no Python with torch and torchvision found; set PYTHON=/path/to/python" >&2
-  exit 3
-fi
+source bench/find_python.sh gpu_check
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: $PY (torch $("$PY" -c 'import torch; print(torch.__version__)')) sees no CUDA device" >&2
   exit 4

@@ -33,18 +33,7 @@ for a in "$@"; do
   if [[ "$a" == "--dry-run" ]]; then DRY_RUN=1; else args+=("$a"); fi
 done
 
-# The first interpreter that has torch: $PYTHON, the project's .venv, python3, python.
-PY=""
-for candidate in ${PYTHON:-} .venv/bin/python python3 python; do
-  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch, torchvision' 2>/dev/null; then
-    PY=$candidate
-    break
-  fi
-done
-if [[ -z "$PY" ]]; then
-  echo "gpu_kd_losses: no Python with torch and torchvision found; set PYTHON=/path/to/python" >&2
-  exit 3
-fi
+source bench/find_python.sh gpu_kd_losses
 DEVICE=${DEVICE:-cuda}  # cpu: only to try the script's own flow (budget, report) on a machine without a GPU
 if [[ $DRY_RUN == 0 && $DEVICE == cuda* ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_kd_losses: $PY (torch $("$PY" -c 'import torch; print(torch.__version__)')) sees no CUDA device" >&2

@@ -195,10 +195,8 @@ def main() -> None:
     row = {"bench": "precision_features", "scale": args.scale, "data": data, "arch": args.arch or "cnn",
            "noise": args.noise, **compare(dumps(out, ck, data, args.noise)), "load": benchinfo.load_average()}
     benchinfo.emit(row)
-    info = benchinfo.machine()
-    print(f"\n### bf16 against fp32 in eval --dump-features, FINE and predictions\n\n{table([row])}\n\n"
-          f"Machine: {info['cpu']}, {info['cores']} cores; torch {info.get('torch', '?')}; {benchinfo.now()}; "
-          f"load {benchinfo.load_average()}.\nCommand: `{benchinfo.command_line()}`", flush=True)
+    benchinfo.print_report("bf16 against fp32 in eval --dump-features, FINE and predictions", table([row]),
+                           f"load {benchinfo.load_average()}.")
 
 
 if __name__ == "__main__":

@@ -497,7 +497,7 @@ def _detect_args(args: list) -> tuple[str, str, dict]:
     opts = dict(zip(args[1::2], args[2::2])) if len(args) % 2 else {}
     kw = {k.lstrip("-").replace("-", "_"): str(v) for k, v in opts.items() if k not in ("--features", "--out",
                                                                                          "--method")}
-    kw["detect"] = DetectOptions(method=opts.get("--method", "gmm"))
+    kw["detect"] = DetectOptions(**({"method": opts["--method"]} if "--method" in opts else {}))  # the CLI's default
     return str(opts["--features"]), str(opts["--out"]), kw
 
 

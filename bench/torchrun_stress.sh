@@ -16,19 +16,7 @@ cd "$(dirname "$0")/.."
 
 N=${1:-40}
 PARALLEL=${PARALLEL:-2}
-PY=${PYTHON:-}
-if [[ -z "$PY" ]]; then
-  for candidate in .venv/bin/python ../main/.venv/bin/python python3 python; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch' 2>/dev/null; then
-      PY=$candidate
-      break
-    fi
-  done
-fi
-if [[ -z "$PY" ]]; then
-  echo "torchrun_stress: no Python with torch found; set PYTHON=/path/to/python" >&2
-  exit 3
-fi
+source bench/find_python.sh torchrun_stress
 DIR=${STRESS_DIR:-$(mktemp -d -t kdfine-stress.XXXXXX)}
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

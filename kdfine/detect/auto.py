@@ -232,7 +232,8 @@ def auto_detect(features, labels, num_classes: int, *, zeta: float = 0.5, seed: 
     own, other, used = knn_counts(features, labels, seed=seed)
     keep, p_clean, score = with_neighbours(c, neighbour_posterior(own, other), own / used, zeta)
     report = class_report(keep, score, labels, k, note=c.short())
+    rescued = int((keep & ~c.keep).sum())
     detail = {"weights": c.weights, "separation": c.separation, "memorised": c.memorised,
-              "em_iterations": c.iterations, "kept_by_the_neighbours_only": int((keep & ~c.keep).sum()),
-              "description": c.describe() + f"; kept only because the neighbours agree: {int((keep & ~c.keep).sum())}"}
+              "em_iterations": c.iterations, "kept_by_the_neighbours_only": rescued,
+              "description": c.describe() + f"; kept only because the neighbours agree: {rescued}"}
     return Detection(np.flatnonzero(keep), score, p_clean, vectors, report, "auto", detail)

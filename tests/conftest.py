@@ -28,6 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image as PillowImage
 
+import zygote
+
+ZYGOTE = zygote.Server()
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -43,19 +47,46 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m kdfine ARGS`` in a subprocess; returns the completed process (text mode)."""
+    """``python -m kdfine ARGS`` as a process of its own (text mode; stdin is ``input``, empty by
+    default), forked from the tests' fork server (:mod:`zygote`) unless ``env`` changes a setting
+    read at start-up, then a new interpreter (:func:`run_interpreter`)."""
+    full = cli_env(env)
+    sock = ZYGOTE.start(cli_env())
+    if not ZYGOTE.forkable(full):
+        return run_interpreter(*args, input=input, env=env, cwd=cwd, timeout=timeout)
+    proc = zygote.Proc(sock, [str(a) for a in args], full, str(cwd or os.getcwd()))
+    try:
+        out, err = proc.communicate(input, timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_interpreter(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+                    cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m kdfine ARGS`` in a new interpreter (for what happens at its start)."""
     return subprocess.run([sys.executable, "-m", "kdfine", *map(str, args)], input=input, capture_output=True,
                           text=True, env=cli_env(env), cwd=cwd, timeout=timeout)
 
 
 def torchrun(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m kdfine -- ARGS`` on CPU, one thread per process
-    (the ``--`` keeps torchrun's own parser away from kdfine's options). A hang shows up as a
-    timeout, never as a stuck test run."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdfine", "--", *map(str, args)]
-    return subprocess.run(cmd, input=input, capture_output=True, text=True, env=cli_env({"OMP_NUM_THREADS": "1"}),
-                          timeout=timeout)
+    """``torchrun --standalone --nproc-per-node 2 kdfine -- ARGS`` on CPU, one thread per process
+    (the ``--`` keeps torchrun's own parser away from kdfine's options). The launcher and both
+    workers are processes of their own forked from the tests' fork server (the workers through
+    its client, see :mod:`zygote`). A hang shows up as a timeout, never as a stuck test run."""
+    sock = ZYGOTE.start(cli_env())
+    env = cli_env({"OMP_NUM_THREADS": "1", "KDFINE_ZYGOTE": sock})
+    argv = ["--standalone", "--nproc-per-node", "2", "--no-python", str(ZYGOTE.client), "--", *map(str, args)]
+    proc = zygote.Proc(sock, argv, env, os.getcwd(), module="torch.distributed.run")
+    try:
+        out, err = proc.communicate(input, timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @contextlib.contextmanager
@@ -289,16 +320,16 @@ def state_of(out: Path) -> Path:
 
 def saved_epoch(out: Path) -> int:
     """The last complete epoch recorded in the resume state beside ``out`` (0 when there is none,
-    or while it is being renamed into place)."""
-    from safetensors import safe_open
-
+    or while it is being renamed into place). The safetensors header is read as JSON here: opening
+    the file with safetensors' torch backend would import torch in the polling thread, and a first
+    import of torch racing in two threads left it unusable (every poll then read 0)."""
     path = state_of(out)
-    if not path.exists():
-        return 0
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return int(json.loads(f.metadata()["kdfine_state"])["epoch"])
-    except Exception:  # caught mid-rename: not yet
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        return int(json.loads(header["__metadata__"]["kdfine_state"])["epoch"])
+    except (OSError, struct.error, ValueError, KeyError, TypeError):  # none yet, or caught mid-rename
         return 0
 
 
@@ -308,9 +339,8 @@ class Run:
 
     def __init__(self, args: list[str], out: Path, log: Path, timeout: float = 300):
         self.out, self.log, self.timeout = out, log, timeout
-        self.proc = subprocess.Popen([sys.executable, "-m", "kdfine", *map(str, args), "--out", str(out),
-                                      "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=cli_env())
+        argv = [*map(str, args), "--out", str(out), "--log", str(log)]
+        self.proc = zygote.Proc(ZYGOTE.start(cli_env()), argv, cli_env(), os.getcwd(), stdin_data=False)
 
     def stop_inside_epoch(self, epoch: int, sig: int) -> subprocess.CompletedProcess:
         """Wait until epoch ``epoch - 1`` is saved (the state file is the event), let epoch

@@ -64,6 +64,15 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def shell_env() -> dict[str, str]:
+    """The environment of :func:`cli_env` with ``kdfine`` on the PATH as the fork server's client:
+    for shell pipelines of kdfine commands, each one a process of its own (see :mod:`zygote`)."""
+    sock = ZYGOTE.start(cli_env())
+    env = cli_env({"KDFINE_ZYGOTE": sock})
+    env["PATH"] = f"{ZYGOTE.client.parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
 def run_interpreter(*args: str, input: str | None = None, env: dict[str, str] | None = None,
                     cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m kdfine ARGS`` in a new interpreter (for what happens at its start)."""
@@ -141,6 +150,19 @@ def run_kdfine(*args: str, input: str | None = None, env: dict[str, str] | None 
     code = code if isinstance(code, int) else (0 if code is None else 1)
     return subprocess.CompletedProcess(["kdfine", *map(str, args)], code, out.buffer.getvalue().decode(),
                                        err.buffer.getvalue().decode())
+
+
+#: the slowest files first (``pytest --durations=0``, summed per file): ``--dist loadfile`` hands
+#: files to the two workers in collection order, so the long ones start at once and short ones fill
+#: the end, and both workers finish together. Files not named keep their order after these.
+SLOW_FIRST = ("test_docs.py", "test_zoo.py", "test_strategies.py", "test_distributed.py", "test_resume.py",
+              "test_bad_input.py", "test_precision.py", "test_file_safety.py", "test_json_output.py",
+              "test_distill.py", "test_outputs.py", "test_ship.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
 
 
 PILLOW_MAX_PIXELS = PillowImage.MAX_IMAGE_PIXELS

@@ -5,23 +5,21 @@ commands run in process (conftest.run_kdfine)."""
 from __future__ import annotations
 
 import hashlib
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import cli_env, read_json, run_cli
+from conftest import read_json, run_cli, shell_env
 from kdfine import api
 from kdfine.models import checkpoint
 from kdfine.data.sources import load_source
 from kdfine.train.run import TeacherEnsemble
 from kdfine.errors import InputError
 
-KDFINE = f"{shlex.quote(sys.executable)} -m kdfine"
+KDFINE = "kdfine"  # the fork server's client (conftest.shell_env)
 
 
 def sha256(path: Path) -> str:
@@ -42,7 +40,7 @@ def chain(tmp_path_factory) -> dict[str, Path]:
            f" | {KDFINE} distill --teacher - --arch cnn-16 --loss kl --tau 3 --alpha 0.5 --epochs 2"
            f" --out s1.safetensors -q"
            f" | {KDFINE} distill --teacher - --arch mlp-64 --loss mse --epochs 2 --seed 1 --out s2.safetensors -q")
-    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=d, env=cli_env(), capture_output=True, text=True,
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=d, env=shell_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     return {"dir": d, "stdout": r.stdout, "t": d / "t.safetensors", "s1": d / "s1.safetensors",

@@ -39,7 +39,8 @@ from pathlib import Path
 #: are not among them: the server does not import those libraries, the command does, after its
 #: environment is in place. torch reads TORCH_HOME, and kdfine HOME, when they are used.)
 IMPORT_TIME = re.compile(r"^(PYTHON|OMP_|MKL_|OPENBLAS|GOTO|LC_|LANG$|LANGUAGE$|TMPDIR$|TEMP$|TMP$|KDFINE_DEBUG$|"
-                         r"CUDA|NVIDIA|TORCH(?!_HOME$))")
+                         r"CUDA|NVIDIA|TORCH(?!_HOME$)|TERMINAL_WIDTH$|FORCE_COLOR$|NO_COLOR$|COLUMNS$|LINES$|TERM$|"
+                         r"_TYPER|CLICOLOR)")
 #: modules the server must not import, for the rule above to hold.
 NOT_PRELOADED = ("huggingface_hub", "timm", "matplotlib", "onnxruntime")
 
@@ -60,6 +61,17 @@ def serve(path: str) -> None:
     import kdfine.api  # noqa: F401
     import kdfine.cli  # noqa: F401
     import kdfine.__main__  # noqa: F401  (its body runs main() only as __main__)
+    # what the commands import on first use (0.35 s a command): the CLI's libraries and the layers
+    import kdfine.cli.app  # noqa: F401
+    import kdfine.cli.render  # noqa: F401
+    import kdfine.data.prepare  # noqa: F401
+    import kdfine.detect.command  # noqa: F401
+    import kdfine.inference.evaluate  # noqa: F401
+    import kdfine.models.checkpoint  # noqa: F401
+    import kdfine.models.zoo  # noqa: F401
+    import kdfine.train.run  # noqa: F401
+    import rich.console  # noqa: F401
+    import rich.progress  # noqa: F401
 
     loaded = [m for m in NOT_PRELOADED if m in sys.modules]
     assert not loaded, f"the fork server imported {loaded}: their environment variables would be stale"

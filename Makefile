@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kdfine-installed
 # A pinned pair that pip serves from the local cache; pyproject.toml itself only asks torch>=2.4.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test groff chromium jq completions man clean-venv
+.PHONY: demo test system completions man clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,24 +21,21 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/pipeline.sh
 
-# One worker per core, each test file on one worker (its module fixtures run once).
-test: $(STAMP) groff chromium jq
+# The Python installs and the system packages at the same time (each is mostly one core waiting on
+# downloads and unpacking), then one worker per core, each test file on one worker (its module
+# fixtures run once).
+test:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) system
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
-# tests/test_man.py renders the man pages with groff (Debian's groff-base, present on most systems).
-groff:
-	@command -v groff >/dev/null 2>&1 || { echo "installing groff-base for the man page tests" >&2; \
-	  apt-get install -y -qq groff-base >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq groff-base; }; }
-
-# tests/test_review.py drives the review page in a headless Chromium (Debian's chromium package).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium for the review page tests" >&2; \
-	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }
-
-# tests/test_docs.py runs the guide's examples, some of which pipe --json into jq (Debian's jq).
-jq:
-	@command -v jq >/dev/null 2>&1 || { echo "installing jq for the guide's examples" >&2; \
-	  apt-get install -y -qq jq >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq jq; }; }
+# Debian packages the tests need, installed with apt-get when missing (one call, so one lock):
+# groff-base renders the man pages (tests/test_man.py), chromium drives the review page
+# (tests/test_review.py), jq reads --json in some of the guide's examples (tests/test_docs.py).
+SYSTEM_TOOLS := groff:groff-base chromium:chromium jq:jq
+system:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing for the tests" >&2; \
+	  apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; fi
 
 completions: $(STAMP)
 	$(BIN)/python scripts/gen_completions.py

@@ -64,6 +64,14 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def start_cli(*args: str, cwd: Path | None = None) -> zygote.Proc:
+    """``python -m kdfine ARGS`` started in the background as a process of its own (forked from the
+    fork server; stdout and stderr pipes, stdin empty): ``pid``, ``poll``, ``wait``,
+    ``send_signal``, ``communicate`` as ``subprocess.Popen`` has them."""
+    return zygote.Proc(ZYGOTE.start(cli_env()), [str(a) for a in args], cli_env(), str(cwd or os.getcwd()),
+                       stdin_data=False)
+
+
 def shell_env() -> dict[str, str]:
     """The environment of :func:`cli_env` with ``kdfine`` on the PATH as the fork server's client:
     for shell pipelines of kdfine commands, each one a process of its own (see :mod:`zygote`)."""
@@ -158,6 +166,10 @@ def run_kdfine(*args: str, input: str | None = None, env: dict[str, str] | None 
 SLOW_FIRST = ("test_docs.py", "test_zoo.py", "test_strategies.py", "test_distributed.py", "test_resume.py",
               "test_bad_input.py", "test_precision.py", "test_file_safety.py", "test_json_output.py",
               "test_distill.py", "test_outputs.py", "test_ship.py", "test_cli.py")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ZYGOTE.stop()
 
 
 def pytest_collection_modifyitems(config, items):

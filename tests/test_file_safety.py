@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_kdfine
+from conftest import cli_env, run_kdfine, start_cli
 from kdfine.errors import ArgumentError, InputError, KdfineWarning, UsageError
 
 VICTIM = b"a file of the user that kdfine must never write\n"
@@ -222,8 +222,7 @@ def test_changed_pixels_stop_an_inheriting_command_and_a_resume(tmp_path):
     base = ["train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp-16", "--device", "cpu", "-q"]
     r = run_kdfine(*base, "--epochs", "1", "--out", tmp_path / "t.safetensors")
     assert r.returncode == 0, r.stderr
-    run = subprocess.Popen([sys.executable, "-m", "kdfine", *base, "--epochs", "500", "--out", tmp_path / "r.safetensors"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    run = start_cli(*base, "--epochs", "500", "--out", tmp_path / "r.safetensors")
     state = tmp_path / "r.safetensors.state.safetensors"
     deadline = time.monotonic() + 300
     while not state.exists() and run.poll() is None and time.monotonic() < deadline:

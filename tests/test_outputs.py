@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_kdfine
+from conftest import cli_env, run_kdfine, start_cli
 from kdfine.errors import InputError, UsageError
 from kdfine.detect.dump import read_dump, write_dump
 from kdfine.files.tables import read_index
@@ -172,9 +172,8 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
 def test_second_training_run_on_the_same_out_is_refused(tmp_path):
     data = _small_npz(tmp_path / "small.npz")
-    args = [sys.executable, "-m", "kdfine", "train-teacher", "--data", f"npz:{data}", *TRAIN, "--epochs", "500",
-            "--out", "t.safetensors", "-q"]
-    first = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    first = start_cli("train-teacher", "--data", f"npz:{data}", *TRAIN, "--epochs", "500", "--out", "t.safetensors",
+                      "-q", cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "t.safetensors.lock").exists() and time.time() < deadline:
@@ -185,7 +184,7 @@ def test_second_training_run_on_the_same_out_is_refused(tmp_path):
         assert f"pid {first.pid}" in r.stderr and len(r.stderr.splitlines()) == 1
     finally:
         first.send_signal(signal.SIGINT)
-        first.wait(timeout=120)
+        first.communicate(timeout=120)
     assert not (tmp_path / "t.safetensors").exists()
 
 
@@ -204,14 +203,14 @@ def test_divergence_stops_with_exit_3_and_no_checkpoint(tmp_path):
 
 def test_resume_on_changed_data_is_refused(tmp_path):
     data = _small_npz(tmp_path / "small.npz")
-    args = [sys.executable, "-m", "kdfine", "train-teacher", "--data", "npz:small.npz", *TRAIN, "--epochs", "500",
-            "--out", "t.safetensors", "-q"]
-    run = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    run = start_cli("train-teacher", "--data", "npz:small.npz", *TRAIN, "--epochs", "500", "--out", "t.safetensors",
+                    "-q", cwd=tmp_path)
     deadline = time.time() + 120
     while not (tmp_path / "t.safetensors.state.safetensors").exists() and time.time() < deadline:
         time.sleep(0.02)
     run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=120) == 130
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
     _small_npz(data, n=57)  # three images deleted
     r = run_kdfine("train-teacher", "--data", "npz:small.npz", *TRAIN, "--epochs", "500", "--out", "t.safetensors",
                    "--resume", "-q", cwd=tmp_path)

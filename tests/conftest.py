@@ -46,14 +46,16 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+            timeout: float = 600, whole_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m kdfine ARGS`` as a process of its own (text mode; stdin is ``input``, empty by
-    default), forked from the tests' fork server (:mod:`zygote`) unless ``env`` changes a setting
-    read at start-up, then a new interpreter (:func:`run_interpreter`)."""
-    full = cli_env(env)
+    default), forked from the tests' fork server (:mod:`zygote`) unless its environment changes a
+    setting read at start-up, then a new interpreter. The environment is :func:`cli_env` plus
+    ``env``, or ``whole_env`` as it is."""
+    full = dict(whole_env) if whole_env is not None else cli_env(env)
     sock = ZYGOTE.start(cli_env())
     if not ZYGOTE.forkable(full):
-        return run_interpreter(*args, input=input, env=env, cwd=cwd, timeout=timeout)
+        return subprocess.run([sys.executable, "-m", "kdfine", *map(str, args)], input=input, capture_output=True,
+                              text=True, env=full, cwd=cwd, timeout=timeout)
     proc = zygote.Proc(sock, [str(a) for a in args], full, str(cwd or os.getcwd()))
     try:
         out, err = proc.communicate(input, timeout)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import bomb_png, cli_env, run_kdfine
+from conftest import bomb_png, cli_env, run_cli, run_kdfine
 
 SENTINEL = b"an existing output file that a failed command must leave alone\n"
 N, D, K = 120, 8, 3  # the synthetic feature dumps
@@ -713,9 +712,9 @@ IN_A_PROCESS = {
 
 
 def _run_process(args: list, cwd: Path, stdin: str | None, debug: bool, env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "kdfine", *(["--debug"] if debug else []), *map(str, args)]
-    return subprocess.run(cmd, input=stdin if stdin is not None else "", capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    """A process of its own (conftest.run_cli) with exactly ``env``."""
+    argv = [*(["--debug"] if debug else []), *map(str, args)]
+    return run_cli(*argv, input=stdin if stdin is not None else "", cwd=cwd, timeout=300, whole_env=env)
 
 
 @pytest.fixture(scope="module")

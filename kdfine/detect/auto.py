@@ -69,7 +69,6 @@ from kdfine.detect.base import DETECTORS, Detection, class_report
 from kdfine.detect.fine import alignment_scores, class_vectors, split
 from kdfine.detect.knn import knn_counts
 from kdfine.detect.small_loss import label_fit_rate, small_loss_split
-from kdfine.files.rows import CHUNK
 
 _TINY = 1e-12
 
@@ -219,7 +218,7 @@ def with_neighbours(c: Combined, p_knn: np.ndarray, agreement: np.ndarray, zeta:
 @DETECTORS.register("auto", logits=True, title="auto scores (FINE, the loss and the neighbours together)",
                     xlabel="rank score of FINE's alignment, the label's likelihood and the neighbours' agreement")
 def auto_detect(features, labels, num_classes: int, *, zeta: float = 0.5, seed: int = 0, vectors_from=None,
-                logits=None, chunk: int = CHUNK, **_) -> Detection:
+                logits=None, chunk: int | None = None, **_) -> Detection:
     """FINE's scores and split and the small-loss posteriors, combined by :func:`combine`, then
     the neighbours' labels by :func:`with_neighbours`; features (N, D), labels (N,), logits (N, K)."""
     k = num_classes

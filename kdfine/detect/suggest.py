@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdfine.files.rows import CHUNK, row_blocks
+from kdfine.runtime.threads import Workers, cpu_threads
 
 
 def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarray | None = None,
@@ -40,9 +41,17 @@ def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarr
     n = y.shape[0]
     bad = np.zeros(n, bool) if rejected is None else np.asarray(rejected, bool)
     out, out_p = np.empty(n, np.int64), np.empty(n, np.float64)
-    for lo, lp in _log_probabilities(n, logits, features, vectors, neighbour_labels, num_classes, chunk):
+
+    def rows(lp: np.ndarray, lo: int) -> None:
         hi = lo + lp.shape[0]
         out[lo:hi], out_p[lo:hi] = pick(lp, y[lo:hi], bad[lo:hi])
+
+    threads = cpu_threads()
+    with Workers(threads) as pool:  # each block's rows split between the threads (numpy releases the GIL)
+        for lo, lp in _log_probabilities(n, logits, features, vectors, neighbour_labels, num_classes, chunk):
+            m = lp.shape[0]
+            cuts = [m * w // threads for w in range(threads + 1)]
+            pool.run(rows, [(lp[a:b], lo + a) for a, b in zip(cuts[:-1], cuts[1:]) if b > a])
     return out, out_p
 
 
@@ -54,7 +63,8 @@ def pick(log_p: np.ndarray, labels: np.ndarray, rejected: np.ndarray) -> tuple[n
     suggests its own label with probability 0."""
     rows = np.arange(log_p.shape[0])
     lp = np.array(log_p, dtype=np.float64)
-    valid = ~(np.isnan(lp) | np.isposinf(lp)).any(axis=1)
+    first = lp.max(axis=1)  # NaN when the row has a NaN, else +inf when it has a +inf
+    valid = ~(np.isnan(first) | np.isposinf(first))
     lp[~valid] = -np.inf
     lp[rows[rejected], labels[rejected]] = -np.inf  # the given class is ruled out; the rest renormalised below
     top = lp.max(axis=1, keepdims=True)

@@ -44,7 +44,7 @@ EXACT_MAX = 100_000  # above this many rows, the reference set is searched throu
 CLUSTERS = 100  # spherical k-means clusters of the reference set (about sqrt(REFERENCE))
 PROBES = 2  # a query row is compared with the members of its PROBES nearest centroids
 KMEANS_ITERATIONS = 10
-CLUSTER_BLOCK = 32768  # query rows per block of the clustered search
+CLUSTER_BLOCK = 16384  # query rows per block of the clustered search
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

@@ -17,15 +17,17 @@ CPU; the reference set bounds it at N x reference x D (5e12 at 1M: 160-280 s on 
 it the top-k partition of a million 10,000-wide rows).
 
 Above ``EXACT_MAX`` rows the same reference set is searched through its clusters
-(:func:`_clustered_labels`): spherical k-means splits it into ``CLUSTERS`` (100) groups, and each
-row is compared only with the members of its ``PROBES`` (2) nearest centroids, about 200 of the
-10,000 reference rows, an approximate search. Measured against the exact search of the same
-reference set on ``bench/fine_scaling.py``'s synthetic features (100 classes, 30% wrong labels, 100,000
-x 512): knn's keep decisions agree on 99.95% of the rows (1 probe: 99.78%, 3: 99.98%) and auto's kept
-set is the same (Jaccard 1.0; 1 probe: 0.99988) at a fifth of auto's CPU time (5.9 against 29.6 s); at
-1M rows auto's kept set has Jaccard 0.99996 with the previous code's exact search (bench/RESULTS.md,
-"detect-noise at 1M x 512 (issue 23, item 4)"). Sets of up to 50,000 rows, the benchmark's and
-CIFAR's among them, get the exact search and the same results as before.
+(:func:`_clustered_labels`): spherical k-means splits it into ``CLUSTERS`` (200) groups, and each
+row is compared only with the members of its ``PROBES`` (3) nearest centroids (about 130 of the
+10,000 reference rows on the benchmark's features, the clusters being uneven), an approximate
+search. Measured against the exact search of the same reference set on ``bench/fine_scaling.py``'s
+synthetic features (100 classes, 30% wrong labels, 100,000 x 512): knn's keep decisions agree on
+99.993% of the rows and its neighbour counts on 99.05% (200 clusters with 1, 2, 4 probes: 99.895%,
+99.990%, 99.995%; 100 clusters with 2 probes: 99.950%), and auto keeps exactly the same samples at a
+fifth of its CPU time (5.4 against 28.9 s); at 1M rows auto's kept set has Jaccard 0.99999 with the
+previous code's exact search (bench/RESULTS.md, "detect-noise at 1M x 512 (issue 23, item 4)"). Sets
+of up to 50,000 rows, the benchmark's and CIFAR's among them, get the exact search and the same
+results as before.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ K = 10
 REFERENCE = 10_000
 BLOCK = 2048
 EXACT_MAX = 50_000  # above this many rows (CIFAR's 50,000 training rows: exact), the reference set is searched through its clusters
-CLUSTERS = 100  # spherical k-means clusters of the reference set (about sqrt(REFERENCE))
-PROBES = 2  # a query row is compared with the members of its PROBES nearest centroids
+CLUSTERS = 200  # spherical k-means clusters of the reference set
+PROBES = 3  # a query row is compared with the members of its PROBES nearest centroids
 KMEANS_ITERATIONS = 10
 CLUSTER_BLOCK = 16384  # query rows per block of the clustered search
 
@@ -92,8 +94,8 @@ def _clustered_labels(features, ref: np.ndarray, refx: np.ndarray, ref_labels: n
                       seed: int) -> Iterator[tuple[int, np.ndarray]]:
     """The k nearest reference rows searched through clusters of the reference set: spherical
     k-means (``CLUSTERS`` centroids, seeded) splits the reference set; a query row is compared with
-    the members of its ``PROBES`` nearest centroids only (about PROBES / CLUSTERS of the set: 300 of
-    10,000 rows), and the k nearest of those are its neighbours."""
+    the members of its ``PROBES`` nearest centroids only, and the k nearest of those are its
+    neighbours."""
     threads = cpu_threads()
     with Workers(threads) as pool:  # its BLAS limit also keeps the k-means' products on one thread
         centroids = _spherical_kmeans(refx, min(CLUSTERS, refx.shape[0]), seed)
@@ -114,12 +116,19 @@ def _clustered_labels(features, ref: np.ndarray, refx: np.ndarray, ref_labels: n
             own[is_ref] = pos[is_ref]
             sims = np.full((q.shape[0], probes * k), -np.inf, dtype=np.float32)
             cand = np.zeros((q.shape[0], probes * k), dtype=np.int64)  # positions in the reference set
-            tasks = [(j, c, np.flatnonzero(near[:, j] == c)) for j in range(probes) for c in np.unique(near[:, j])]
+            tasks = [(j, c, idx) for j in range(probes) for c, idx in _groups(near[:, j])]
             pool.run(_search_clusters, [(tasks[w::threads], q, own, owner, slot, members, member_rows, k, sims, cand)
                                         for w in range(threads)])
             top = _top_columns(sims, k)
             order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
             yield lo, ref_labels[np.take_along_axis(cand, np.take_along_axis(top, order, axis=1), axis=1)]
+
+
+def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """[(key, ascending positions holding it)] for each key present, from one stable sort."""
+    order = np.argsort(keys, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    return [(int(keys[order[a]]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, keys.size])]
 
 
 def _nearest_centroids(sims: np.ndarray, probes: int) -> np.ndarray:

@@ -40,7 +40,7 @@ benchmark's digits asym:0.4 dump the loss's fitted d was 1.50 against a true d o
 6. the neighbours as a second opinion: knn (:mod:`kdfine.detect.knn`, k = 10 cosine neighbours
    in the same features; above 50,000 rows searched through clusters of its 10,000-row reference
    set, which kept the same samples at 100,000 rows and cut auto's time at 1M rows from 262 to
-   about 38 CPU s) gives p_knn = (own + 1) / (own + 1 + other): the label's share of the
+   36-42 CPU s) gives p_knn = (own + 1) / (own + 1 + other): the label's share of the
    votes of the two leading labels among the neighbours, the sample itself voting for its label
    (so p_knn > 0.5 exactly when knn keeps it: its label is a most frequent neighbour label).
    auto's p_clean = max(p of steps 1-5, p_knn); keep if it exceeds zeta: a sample is dropped

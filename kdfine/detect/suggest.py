@@ -20,10 +20,12 @@ else the neighbours' labels (vote shares). Which evidence suggests best is measu
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from kdfine.files.rows import CHUNK, row_blocks
-from kdfine.runtime.threads import Workers, cpu_threads
+from kdfine.runtime.threads import cpu_threads
 
 
 def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarray | None = None,
@@ -46,12 +48,15 @@ def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarr
         hi = lo + lp.shape[0]
         out[lo:hi], out_p[lo:hi] = pick(lp, y[lo:hi], bad[lo:hi])
 
+    # each block's rows are split between the threads (numpy releases the GIL; pick calls no BLAS,
+    # so no pool limit is needed, nor scipy imported for one)
     threads = cpu_threads()
-    with Workers(threads) as pool:  # each block's rows split between the threads (numpy releases the GIL)
+    with ThreadPoolExecutor(threads, thread_name_prefix="kdfine-suggest") as pool:
         for lo, lp in _log_probabilities(n, logits, features, vectors, neighbour_labels, num_classes, chunk):
             m = lp.shape[0]
             cuts = [m * w // threads for w in range(threads + 1)]
-            pool.run(rows, [(lp[a:b], lo + a) for a, b in zip(cuts[:-1], cuts[1:]) if b > a])
+            for f in [pool.submit(rows, lp[a:b], lo + a) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]:
+                f.result()
     return out, out_p
 
 

@@ -166,3 +166,50 @@ def test_take_rows_reads_a_memmap_with_positional_reads(tmp_path):
     a = knn.knn_split(mm, np.arange(300) % 3, reference=100, seed=1)
     b = knn.knn_split(x, np.arange(300) % 3, reference=100, seed=1)
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def _exact_top(x, ref, k):
+    """Each row's k nearest reference rows (positions in ``ref``) by cosine, itself excluded: sets."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = xn @ xn[ref].T
+    s[ref, np.arange(ref.size)] = -np.inf
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def test_clustered_search_probing_every_cluster_is_the_exact_search(monkeypatch):
+    """Above knn.EXACT_MAX rows the reference set is searched through its clusters; probing all of
+    them is the exact search (the same neighbours' labels, the row itself never among them)."""
+    x, labels, _ = clusters(5, k=6, per_class=200)
+    monkeypatch.setattr(knn, "CLUSTERS", 8)
+    monkeypatch.setattr(knn, "PROBES", 8)
+    monkeypatch.setattr(knn, "CLUSTER_BLOCK", 257)
+    got = np.concatenate([nb for _, nb in knn.neighbour_labels(x, labels, k=5, reference=500, exact_max=0)])
+    exact = np.concatenate([nb for _, nb in knn.neighbour_labels(x, labels, k=5, reference=500)])
+    assert (got == exact).mean() > 0.999  # equal up to ties in the similarities
+    ref = knn.reference_rows(x.shape[0], 500)
+    want = labels[ref][_exact_top(x, ref, 5)]
+    assert (np.sort(got, axis=1) == np.sort(want, axis=1)).all(axis=1).mean() > 0.99
+
+
+def test_clustered_search_agrees_with_the_exact_search_and_is_off_up_to_exact_max(monkeypatch):
+    """With the default probes, the keep decisions agree with the exact search's on well separated
+    classes; at N <= EXACT_MAX the exact search runs (results unchanged)."""
+    x, labels, _ = clusters(6, k=8, per_class=400)
+    monkeypatch.setattr(knn, "CLUSTERS", 20)
+    a = knn.knn_split(x, labels, reference=1500, exact_max=0)
+    b = knn.knn_split(x, labels, reference=1500)
+    assert (a[0] == b[0]).mean() > 0.99
+    assert x.shape[0] <= knn.EXACT_MAX
+    c = knn.knn_split(x, labels, reference=1500)
+    assert all(np.array_equal(u, v) for u, v in zip(b, c))
+    assert knn.knn_split(x, labels, reference=1500, exact_max=x.shape[0] - 1)[0].shape == b[0].shape
+
+
+def test_top_columns_are_the_largest_whatever_the_ties():
+    rng = np.random.default_rng(7)
+    s = rng.integers(0, 5, (300, 40)).astype(np.float32)  # many ties
+    s[:100] = rng.random((100, 40))
+    s[5, :] = -np.inf
+    top = knn._top_columns(s, 6)
+    assert top.shape == (300, 6) and all(np.unique(t).size == 6 for t in top)
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(s, top, axis=1), axis=1), np.sort(s, axis=1)[:, -6:])

@@ -80,3 +80,35 @@ def test_pread_rows_reads_rows_at_their_offsets_and_reports_a_short_file(tmp_pat
         assert not pread_rows(fd, out, 4, [10])  # past the end
     finally:
         os.close(fd)
+
+
+def _formatted(header, columns, formats):
+    row = ",".join(formats) + "\n"
+    return ",".join(header) + "\n" + "".join(map(row.format, *[c.tolist() for c in columns]))
+
+
+def test_numeric_csv_is_what_str_format_writes():
+    """The numpy-built CSV (integers, floats in [0, 1] at 6 decimals) equals str.format's text,
+    rounding ties and the values next to them included; anything else takes the format path."""
+    from kdfine.files import tables
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    index = np.sort(rng.choice(10**7, n, replace=False))
+    labels = rng.integers(0, 1000, n).astype(np.int32)
+    score, p = rng.random(n), rng.random(n).astype(np.float32)
+    edge = [0.0, 1.0, 5e-7, 0.0000005, 4.999999e-7, 0.1234565, 0.9999995, 0.99999949, 1e-300, 0.5, 0.2500005,
+            0.0000015, 0.0000025, 0.1 + 5e-7, np.nextafter(0.9999995, 0), np.nextafter(0.9999995, 1)]
+    score[:len(edge)] = edge
+    score[100:1100] = (rng.integers(0, 10**6, 1000) + 0.5) / 1e6  # ties in decimal, near-ties in binary
+    cols, fmts = [index, labels, score, p], ["{}", "{}", "{:.6f}", "{:.6f}"]
+    assert tables._numeric_csv(cols, fmts) is not None
+    assert csv_text(["index", "label", "score", "p"], cols, fmts) == _formatted(["index", "label", "score", "p"],
+                                                                            cols, fmts)
+    for col, fmt in (([0, 9, 10, 99, 100, 2**40], "{}"), ([], "{}"), ([7], "{}")):
+        a = np.array(col, dtype=np.int64)
+        assert csv_text(["i"], [a], [fmt]) == _formatted(["i"], [a], [fmt])
+    for col, fmt in ((np.array([-1]), "{}"), (np.array([-0.0]), "{:.6f}"), (np.array([np.nan]), "{:.6f}"),
+                     (np.array([1.5]), "{:.6f}"), (np.array([0.5]), "{:.3f}")):
+        assert tables._numeric_csv([col], [fmt]) is None  # the format path
+        assert csv_text(["v"], [col], [fmt]) == _formatted(["v"], [col], [fmt])

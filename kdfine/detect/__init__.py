@@ -20,7 +20,6 @@ from kdfine.detect import small_loss  # noqa: F401
 from kdfine.detect import auto  # noqa: F401
 from kdfine.detect import knn  # noqa: F401
 from kdfine.detect.base import DETECTORS, ClassSplit, Detection, FineWarning, as_labels
-from kdfine.files.rows import CHUNK
 
 __all__ = ["detect", "methods", "needs_logits", "Detection", "ClassSplit", "FineWarning", "DETECTORS"]
 
@@ -36,7 +35,7 @@ def needs_logits(method: str) -> bool:
 
 def detect(features, labels, num_classes: int | None = None, *, zeta: float = 0.5, method: str = "gmm",
            seed: int = 0, vectors_from: np.ndarray | None = None, logits: np.ndarray | None = None,
-           chunk: int = CHUNK) -> Detection:
+           chunk: int | None = None) -> Detection:
     """Run the detector ``method`` (one of :func:`methods`).
 
     features: (N, D) array, memmap or tensor (FINE, auto, knn); labels: (N,) ints in [0, K);

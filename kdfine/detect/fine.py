@@ -3,10 +3,13 @@
 For features z_i (N, D) and labels y_i:
 
 1. u_k = principal eigenvector of the uncentred class gram G_k = sum_{i: y_i = k} z_i z_i^T,
-   accumulated over row chunks (float32 BLAS ``syrk`` into a per-class float32 partial sum that is
-   added to a float64 total every ``FLUSH_ROWS`` rows), so an N x D file larger than RAM works;
-   then the top eigenpair of each D x D gram in float64 (Lanczos, checked, with ``eigh`` as the
-   fallback).
+   accumulated over blocks of ``GRAM_CHUNK`` rows (float32 BLAS ``syrk`` on each class's rows of a
+   block, gathered into a reused buffer, into a per-class float32 partial sum that is added to a
+   float64 total every ``FLUSH_ROWS`` rows), so an N x D file larger than RAM works; then the top
+   eigenpair of each D x D gram in float64 (Lanczos, checked, with ``eigh`` as the fallback).
+   The float32 partial sums leave the gram 1.5-3e-7 (relative) from the exact float64 gram of
+   the same float32 features, and u_k 5.6e-9 from its top eigenvector (measured on the 1M x 512
+   benchmark file).
 2. score_i = |<u_{y_i}, z_i / ||z_i||>| in [0, 1].
 3. Per class, a 2-component Gaussian mixture on the scores (full covariance, tol 1e-6, k-means
    initialisation seeded with ``seed``: scikit-learn's ``GaussianMixture`` fit, reproduced (tested to
@@ -20,6 +23,17 @@ page by page, so the resident memory stays near one chunk whatever N is.
 
 Thread pools: every BLAS/OpenMP pool is limited to one thread while FINE runs, and the two passes
 over the features are parallelised by kdfine itself (:mod:`kdfine.runtime.threads`).
+
+Why a gram and not a Krylov method on the data (issue 23, item 4, evaluated on the 1M x 512, K = 100
+benchmark file): only the top eigenvector is needed, and subspace iteration or block Krylov on the
+rows themselves (per class W = X_c^T (X_c V) per pass, the Rayleigh-Ritz vector certified by its
+residual) would skip the N D^2 gram. But a residual certificate of 1e-10 needs float64 products
+(float32 accumulation stops near 1e-7), and from the ones vector (cosine 0.91-0.92 with u_k;
+lambda_9 / lambda_1 = 3e-3) both needed 5 passes over the 2 GB (simulated on the exact class grams,
+blocks of 4 to 16 vectors). One float64 pass with an 8-vector block cost 2.1 CPU s (gather, convert,
+two products, row norms), so 10.5 CPU s against 10.4 for the gram pass and the score pass: no gain.
+The gram pass is bounded by syrk's rate here (27-29 G multiply-adds/s per core: 4.6-4.9 CPU s for the
+1.3e11 multiply-adds of 1M x 512).
 
 Registered detectors: ``gmm`` (the official method) and ``kmeans``.
 """
@@ -35,17 +49,21 @@ from kdfine.detect.base import (DETECTORS, ClassSplit, Detection, FineWarning, N
 from kdfine.files.rows import CHUNK, row_blocks
 from kdfine.runtime.threads import Workers, cpu_threads, thread_limit
 
-GRAM_CHUNK = 65536  # rows per block of the gram pass: more rows per class and product, fewer sums
+GRAM_CHUNK = 65536  # rows per block of both passes over a numpy/memmap input: more rows per class and product
+# (syrk on 655 rows x 512 ran at 27 G multiply-adds/s per core, on 164 rows at 15), fewer sums; torch
+# inputs keep CHUNK-row blocks (a float64 block of 65,536 rows would be 256 MB on the device)
 FLUSH_ROWS = 8192  # rows of one class summed in float32 before the partial gram joins the float64 total
 
 
 def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarray | None = None,
-                chunk: int = GRAM_CHUNK) -> np.ndarray:
+                chunk: int | None = None) -> np.ndarray:
     """Uncentred per-class gram matrices (K, D, D) float64 of raw ``features`` (N, D).
 
-    subset: optional boolean mask (N,) or index array; only those rows contribute.
+    subset: optional boolean mask (N,) or index array; only those rows contribute. chunk: rows per
+    block (default :func:`_block_rows`).
     """
     labels = as_labels(labels)
+    chunk = _block_rows(features, chunk)
     n, d = features.shape
     check_labels(labels, n, num_classes)
     mask = _mask(subset, n)
@@ -71,6 +89,7 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     part = np.zeros((num_classes, d, d), dtype=np.float32)
     pending = np.zeros(num_classes, dtype=np.int64)
     threads = cpu_threads()
+    scratch = [_Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
             yc = labels[lo:lo + block.shape[0]]
@@ -78,7 +97,7 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
                 m = mask[lo:lo + block.shape[0]]
                 block, yc = block[m], yc[m]
             groups = _class_groups(yc)
-            pool.run(_add_grams, [([g for g in groups if g[0] % threads == w], block, part, grams, pending)
+            pool.run(_add_grams, [([g for g in groups if g[0] % threads == w], block, part, grams, pending, scratch[w])
                                   for w in range(threads)])
     for k in np.flatnonzero(pending):
         grams[k] += part[k]
@@ -86,6 +105,42 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     for g in grams:  # exactly symmetric, whatever the BLAS rounded (one class at a time: no copy of all)
         g[:] = (g + g.T) / 2
     return grams
+
+
+class _Scratch:
+    """One worker thread's reused buffers: a class's rows gathered from a block (float32, and float64
+    for the scores) and the D x D product. A fresh array per class and block costs its page faults
+    every time (the gather alone ran 4x slower than into a reused buffer: 31 against 8.5 CPU ms per
+    16,384 x 512 block)."""
+
+    def __init__(self):
+        self.arrays: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, rows: int, shape: tuple, dtype) -> np.ndarray:
+        """A C-contiguous (rows,) + shape view of buffer ``name``, grown (never shrunk) as needed."""
+        key = (name, shape, np.dtype(dtype).str)
+        buf = self.arrays.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = self.arrays[key] = np.empty((max(rows, 2 * (0 if buf is None else buf.shape[0])),) + shape, dtype)
+        return buf[:rows]
+
+
+def _gather(block: np.ndarray, idx: np.ndarray, scratch: _Scratch, dtype) -> np.ndarray:
+    """``block[idx]`` as ``dtype`` in ``scratch``'s reused buffer (valid until its next use)."""
+    shape = block.shape[1:]
+    if block.dtype == dtype:
+        return np.take(block, idx, axis=0, out=scratch.get("rows", idx.size, shape, dtype))
+    src = np.take(block, idx, axis=0, out=scratch.get("src", idx.size, shape, block.dtype))
+    out = scratch.get("rows", idx.size, shape, dtype)
+    out[...] = src
+    return out
+
+
+def _block_rows(features, chunk: int | None) -> int:
+    """Rows per block of a pass: ``chunk``, else GRAM_CHUNK for arrays and memmaps, CHUNK for tensors."""
+    if chunk is not None:
+        return chunk
+    return CHUNK if is_torch(features) else GRAM_CHUNK
 
 
 def _class_groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -97,15 +152,14 @@ def _class_groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
             if b > a]
 
 
-def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray) -> None:
-    # numpy's matmul releases the GIL (scipy's f2py syrk does not, which left one core idle); the
-    # product goes into one reused buffer: a fresh D x D array per class and block costs page faults.
+def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray,
+               scratch: _Scratch) -> None:
+    # numpy's matmul releases the GIL (scipy's f2py syrk does not, which left one core idle) and
+    # calls syrk for xk.T @ xk; the rows and the product go into the thread's reused buffers.
     d = block.shape[1]
-    prod = np.empty((d, d), dtype=np.float32)
+    prod = scratch.get("prod", d, (d,), np.float32)
     for k, idx in groups:
-        xk = np.take(block, idx, axis=0)
-        if xk.dtype != np.float32:
-            xk = xk.astype(np.float32)
+        xk = _gather(block, idx, scratch, np.float32)
         np.matmul(xk.T, xk, out=prod)
         part[k] += prod
         pending[k] += idx.size
@@ -154,7 +208,7 @@ def top_eigenvector(g: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 
 def class_vectors(features, labels, num_classes: int, subset: np.ndarray | None = None,
-                  chunk: int = CHUNK) -> np.ndarray:
+                  chunk: int | None = None) -> np.ndarray:
     """u_k for every class: (K, D) float64, unit norm (zero rows for classes with no samples).
     Raises :class:`NonFiniteFeatures` when a gram is not finite."""
     grams = class_grams(features, labels, num_classes, subset, chunk)
@@ -163,9 +217,10 @@ def class_vectors(features, labels, num_classes: int, subset: np.ndarray | None 
     return top_eigenvectors(grams)
 
 
-def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+def alignment_scores(features, labels, vectors: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """score_i = |<u_{y_i}, z_i / ||z_i||>|, (N,) float64 in [0, 1]; zero rows score 0."""
     labels = as_labels(labels)
+    chunk = _block_rows(features, chunk)
     n = features.shape[0]
     u = np.asarray(vectors, dtype=np.float64)
     check_labels(labels, n, u.shape[0])
@@ -183,26 +238,29 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int = CHUNK) 
             scores[lo:lo + chunk] = s.cpu().numpy()
         return np.clip(scores, 0.0, 1.0)
     threads = cpu_threads()
+    scratch = [_Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
             m = block.shape[0]
             cuts = [m * w // threads for w in range(threads + 1)]
-            pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b])
-                                   for a, b in zip(cuts[:-1], cuts[1:]) if b > a])
+            pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b], scratch[w])
+                                   for w, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])) if b > a])
     bad = np.flatnonzero(np.isnan(scores))
     if bad.size:
         raise NonFiniteFeatures(int(bad[0]))
     return np.clip(scores, 0.0, 1.0)
 
 
-def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
+def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarray,
+                scratch: _Scratch | None = None) -> None:
     """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64 (0 for zero rows, NaN for rows with
     NaN or inf: their norm is not finite); rows grouped by class, so that each class is one
     matrix-vector product."""
+    scratch = scratch or _Scratch()
     dots = np.empty(x.shape[0])
     norms = np.empty(x.shape[0])
     for k, idx in _class_groups(labels):
-        xk = np.take(x, idx, axis=0).astype(np.float64)
+        xk = _gather(x, idx, scratch, np.float64)
         dots[idx] = xk @ u[k]
         norms[idx] = np.sqrt(np.einsum("nd,nd->n", xk, xk))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -299,7 +357,7 @@ _XLABEL = "alignment score |<u_y, z/|z|>|"
 @DETECTORS.register("kmeans", title="FINE alignment scores (2-means split)", xlabel=_XLABEL)  # applied second
 @DETECTORS.register("gmm", title="FINE alignment scores (GMM split)", xlabel=_XLABEL)
 def fine_detect(features, labels, num_classes: int, *, zeta: float = 0.5, method: str = "gmm", seed: int = 0,
-                vectors_from: np.ndarray | None = None, chunk: int = CHUNK, **_) -> Detection:
+                vectors_from: np.ndarray | None = None, chunk: int | None = None, **_) -> Detection:
     """FINE end to end: class vectors (from ``vectors_from``, a mask or index array of samples
     believed clean, else from all samples), alignment scores, per-class split by ``method`` (gmm
     or kmeans). features: (N, D) array, memmap or tensor; labels: (N,) ints in [0, K)."""

@@ -20,9 +20,12 @@ else the neighbours' labels (vote shares). Which evidence suggests best is measu
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from kdfine.files.rows import CHUNK, row_blocks
+from kdfine.runtime.threads import cpu_threads
 
 
 def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarray | None = None,
@@ -40,9 +43,20 @@ def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarr
     n = y.shape[0]
     bad = np.zeros(n, bool) if rejected is None else np.asarray(rejected, bool)
     out, out_p = np.empty(n, np.int64), np.empty(n, np.float64)
-    for lo, lp in _log_probabilities(n, logits, features, vectors, neighbour_labels, num_classes, chunk):
+
+    def rows(lp: np.ndarray, lo: int) -> None:
         hi = lo + lp.shape[0]
         out[lo:hi], out_p[lo:hi] = pick(lp, y[lo:hi], bad[lo:hi])
+
+    # each block's rows are split between the threads (numpy releases the GIL; pick calls no BLAS,
+    # so no pool limit is needed, nor scipy imported for one)
+    threads = cpu_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="kdfine-suggest") as pool:
+        for lo, lp in _log_probabilities(n, logits, features, vectors, neighbour_labels, num_classes, chunk):
+            m = lp.shape[0]
+            cuts = [m * w // threads for w in range(threads + 1)]
+            for f in [pool.submit(rows, lp[a:b], lo + a) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]:
+                f.result()
     return out, out_p
 
 
@@ -54,7 +68,8 @@ def pick(log_p: np.ndarray, labels: np.ndarray, rejected: np.ndarray) -> tuple[n
     suggests its own label with probability 0."""
     rows = np.arange(log_p.shape[0])
     lp = np.array(log_p, dtype=np.float64)
-    valid = ~(np.isnan(lp) | np.isposinf(lp)).any(axis=1)
+    first = lp.max(axis=1)  # NaN when the row has a NaN, else +inf when it has a +inf
+    valid = ~(np.isnan(first) | np.isposinf(first))
     lp[~valid] = -np.inf
     lp[rows[rejected], labels[rejected]] = -np.inf  # the given class is ruled out; the rest renormalised below
     top = lp.max(axis=1, keepdims=True)

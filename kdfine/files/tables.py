@@ -20,10 +20,90 @@ from kdfine.files.text import csv_cell
 
 def csv_text(header: list[str], columns: list[np.ndarray | list], formats: list[str]) -> str:
     """A CSV with ``header`` and one row per element of the ``columns`` (all equal length). Text
-    columns must already be cells (:func:`text_cells`)."""
+    columns must already be cells (:func:`text_cells`).
+
+    When every column is a numpy array of non-negative integers formatted ``{}`` or of floats in
+    [0, 1] formatted ``{:.6f}`` (detect-noise's index, label, score and p_clean), the text is built
+    by numpy in a few array operations, character for character what ``str.format`` writes (the
+    floats correctly rounded: values within 1e-9 of a rounding tie are formatted by Python); else
+    one ``str.format`` per row (700,000 rows: 1.3 s)."""
+    fast = _numeric_csv(columns, formats)
+    if fast is not None:
+        return ",".join(header) + "\n" + fast
     row = ",".join(formats) + "\n"  # one format call per row: 3x faster than one per field
     cols = [c.tolist() if isinstance(c, np.ndarray) else c for c in columns]
     return ",".join(header) + "\n" + "".join(map(row.format, *cols))
+
+
+def _numeric_csv(columns: list, formats: list[str]) -> str | None:
+    """The rows of :func:`csv_text` built with numpy, or None when a column is not one it handles."""
+    fields = []
+    for col, fmt in zip(columns, formats):
+        if not isinstance(col, np.ndarray) or col.ndim != 1:
+            return None
+        if fmt == "{}" and col.dtype.kind in "iu":
+            field = _integer_chars(col)
+        elif fmt == "{:.6f}" and col.dtype.kind == "f":
+            field = _unit_float_chars(col)
+        else:
+            return None
+        if field is None:
+            return None
+        fields.append(field)
+    if not fields or fields[0][0].shape[0] == 0:
+        return "" if fields else None
+    n = fields[0][0].shape[0]
+    # one (n, width) table of right-aligned fields, separators and newlines, and a mask of the
+    # characters that are written; the mask's row-major order is the text's order
+    width = sum(chars.shape[1] + 1 for chars, _ in fields)
+    table = np.empty((n, width), dtype=np.uint8)
+    keep = np.ones((n, width), dtype=bool)
+    at = 0
+    for i, (chars, length) in enumerate(fields):
+        w = chars.shape[1]
+        table[:, at:at + w] = chars
+        keep[:, at:at + w] = np.arange(w) >= (w - length)[:, None]
+        table[:, at + w] = ord("\n") if i == len(fields) - 1 else ord(",")
+        at += w + 1
+    return table[keep].tobytes().decode("ascii")
+
+
+def _integer_chars(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decimal digits of non-negative integers, right-aligned in (n, width) uint8, and their lengths."""
+    v = values.astype(np.int64, copy=False)
+    if v.size and (v.min() < 0 or (values.dtype.kind == "u" and values.max() > np.iinfo(np.int64).max)):
+        return None
+    width = len(str(int(v.max()))) if v.size else 1
+    chars = np.empty((v.size, width), dtype=np.uint8)
+    rest = v.copy()
+    for j in range(width - 1, -1, -1):
+        chars[:, j] = rest % 10 + ord("0")
+        rest //= 10
+    length = np.ones(v.size, dtype=np.int64)
+    for j in range(1, width):
+        length += v >= 10 ** j
+    return chars, length
+
+
+def _unit_float_chars(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``{:.6f}`` of floats in [0, 1] (no NaN, no -0.0) as (n, 8) uint8 and their lengths (8)."""
+    x = values.astype(np.float64, copy=False)
+    if x.size and not (np.all((x >= 0) & (x <= 1)) and not np.signbit(x).any()):
+        return None
+    y = x * 1e6  # exact to within 1.2e-10 (half an ulp below 2**20): only near-ties need Python's rounding
+    whole = np.floor(y)
+    frac = y - whole
+    q = (whole + (frac > 0.5)).astype(np.int64)
+    for i in np.flatnonzero(np.abs(frac - 0.5) <= 1e-9):
+        q[i] = int("{:.6f}".format(float(x[i])).replace(".", ""))
+    chars = np.empty((x.size, 8), dtype=np.uint8)
+    chars[:, 0] = q // 1_000_000 + ord("0")
+    chars[:, 1] = ord(".")
+    rest = q % 1_000_000
+    for j in range(7, 1, -1):
+        chars[:, j] = rest % 10 + ord("0")
+        rest //= 10
+    return chars, np.full(x.size, 8, dtype=np.int64)
 
 
 def text_cells(values: list[str]) -> list[str]:

@@ -54,8 +54,7 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     full = dict(whole_env) if whole_env is not None else cli_env(env)
     sock = ZYGOTE.start(cli_env())
     if not ZYGOTE.forkable(full):
-        return subprocess.run([sys.executable, "-m", "kdfine", *map(str, args)], input=input, capture_output=True,
-                              text=True, env=full, cwd=cwd, timeout=timeout)
+        return run_interpreter(*args, input=input, cwd=cwd, timeout=timeout, whole_env=full)
     proc = zygote.Proc(sock, [str(a) for a in args], full, str(cwd or os.getcwd()))
     try:
         out, err = proc.communicate(input, timeout)
@@ -84,10 +83,13 @@ def shell_env() -> dict[str, str]:
 
 
 def run_interpreter(*args: str, input: str | None = None, env: dict[str, str] | None = None,
-                    cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m kdfine ARGS`` in a new interpreter (for what happens at its start)."""
+                    cwd: Path | None = None, timeout: float = 600,
+                    whole_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m kdfine ARGS`` in a new interpreter (for what happens at its start); the
+    environment as :func:`run_cli` makes it."""
+    full = dict(whole_env) if whole_env is not None else cli_env(env)
     return subprocess.run([sys.executable, "-m", "kdfine", *map(str, args)], input=input, capture_output=True,
-                          text=True, env=cli_env(env), cwd=cwd, timeout=timeout)
+                          text=True, env=full, cwd=cwd, timeout=timeout)
 
 
 def torchrun(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

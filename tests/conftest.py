@@ -55,14 +55,7 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     sock = ZYGOTE.start(cli_env())
     if not ZYGOTE.forkable(full):
         return run_interpreter(*args, input=input, cwd=cwd, timeout=timeout, whole_env=full)
-    proc = zygote.Proc(sock, [str(a) for a in args], full, str(cwd or os.getcwd()))
-    try:
-        out, err = proc.communicate(input, timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return zygote.Proc(sock, [str(a) for a in args], full, str(cwd or os.getcwd())).run(input, timeout)
 
 
 def start_cli(*args: str, cwd: Path | None = None) -> zygote.Proc:
@@ -100,14 +93,7 @@ def torchrun(*args: str, input: str | None = None, timeout: float = 300) -> subp
     sock = ZYGOTE.start(cli_env())
     env = cli_env({"OMP_NUM_THREADS": "1", "KDFINE_ZYGOTE": sock})
     argv = ["--standalone", "--nproc-per-node", "2", "--no-python", str(ZYGOTE.client), "--", *map(str, args)]
-    proc = zygote.Proc(sock, argv, env, os.getcwd(), module="torch.distributed.run")
-    try:
-        out, err = proc.communicate(input, timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return zygote.Proc(sock, argv, env, os.getcwd(), module="torch.distributed.run").run(input, timeout)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+import zygote
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL, OTHER = ("sh", "bash", "console"), ("python", "text")
@@ -280,8 +282,6 @@ def test_documented_keys_are_read():
 
 def serve(path: str) -> None:
     """Import everything a command needs once, then fork a child per client connection."""
-    import signal
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
@@ -297,25 +297,7 @@ def serve(path: str) -> None:
     import torch.onnx  # noqa: F401
 
     _warm_up()
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    srv.bind(path)
-    srv.listen(16)
-    srv.settimeout(5)
-    parent = os.getppid()
-    while os.getppid() == parent:  # the test session that started it is still there
-        try:
-            conn, _ = srv.accept()
-        except TimeoutError:
-            continue
-        conn.settimeout(None)
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        if os.fork() == 0:
-            srv.close()
-            _child(conn, json.loads(msg), fds)
-        conn.close()
-        for fd in fds:
-            os.close(fd)
+    zygote.accept_forever(path, _child)
 
 
 def _warm_up() -> None:

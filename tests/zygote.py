@@ -75,10 +75,17 @@ def serve(path: str) -> None:
 
     loaded = [m for m in NOT_PRELOADED if m in sys.modules]
     assert not loaded, f"the fork server imported {loaded}: their environment variables would be stale"
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the supervisors are reaped by the kernel
+    accept_forever(path, _supervise)
+
+
+def accept_forever(path: str, handle) -> None:
+    """Bind a SOCK_SEQPACKET socket at ``path`` (it appears once bound: the readiness event) and,
+    until the process that started this one ends, fork ``handle(conn, request, fds)`` for each
+    request (a JSON document and up to 3 file descriptors); ``handle`` must not return."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     srv.bind(path + ".part")
-    os.rename(path + ".part", path)  # the socket's name appears once it is bound: the readiness event
+    os.rename(path + ".part", path)
     srv.listen(64)
     srv.settimeout(2)
     parent = os.getppid()
@@ -91,7 +98,7 @@ def serve(path: str) -> None:
         msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
         if os.fork() == 0:
             srv.close()
-            _supervise(conn, json.loads(msg), fds)
+            handle(conn, json.loads(msg), fds)
         conn.close()
         for fd in fds:
             os.close(fd)
@@ -240,6 +247,16 @@ class Proc:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def run(self, input: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """``communicate`` to the end, as ``subprocess.run`` does (killed on a timeout, which is raised)."""
+        try:
+            out, err = self.communicate(input, timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.communicate()
+            raise
+        return subprocess.CompletedProcess(self.args, self.returncode, out, err)
 
     def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
         """Write ``input`` to stdin and close it, read stdout and stderr to their end, wait."""

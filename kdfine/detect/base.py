@@ -86,6 +86,16 @@ def class_report(keep: np.ndarray, scores: np.ndarray, labels: np.ndarray, k: in
     return out
 
 
+def groups_of(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """[(key, ascending positions holding it)] for each key present in ``keys`` (N,) ints, from one
+    stable sort: a class's rows of a block, a centroid's query rows."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+    return [(int(sorted_keys[a]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(order)])
+            if b > a]
+
+
 def is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 

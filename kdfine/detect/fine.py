@@ -45,9 +45,9 @@ import warnings
 import numpy as np
 
 from kdfine.detect.base import (DETECTORS, ClassSplit, Detection, FineWarning, NonFiniteFeatures, as_labels,
-                                check_labels, is_torch)
+                                check_labels, groups_of, is_torch)
 from kdfine.files.rows import CHUNK, row_blocks
-from kdfine.runtime.threads import Workers, cpu_threads, thread_limit
+from kdfine.runtime.threads import Workers, cpu_threads, row_slices, thread_limit
 
 GRAM_CHUNK = 65536  # rows per block of both passes over a numpy/memmap input: more rows per class and product
 # (syrk on 655 rows x 512 ran at 27 G multiply-adds/s per core, on 164 rows at 15), fewer sums; torch
@@ -96,7 +96,7 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
             if mask is not None:
                 m = mask[lo:lo + block.shape[0]]
                 block, yc = block[m], yc[m]
-            groups = _class_groups(yc)
+            groups = groups_of(yc)
             pool.run(_add_grams, [([g for g in groups if g[0] % threads == w], block, part, grams, pending, scratch[w])
                                   for w in range(threads)])
     for k in np.flatnonzero(pending):
@@ -141,15 +141,6 @@ def _block_rows(features, chunk: int | None) -> int:
     if chunk is not None:
         return chunk
     return CHUNK if is_torch(features) else GRAM_CHUNK
-
-
-def _class_groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """[(class, ascending row indices of that class)] for the classes present in ``labels``."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    bounds = np.flatnonzero(np.diff(sorted_labels)) + 1
-    return [(int(sorted_labels[a]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(order)])
-            if b > a]
 
 
 def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray,
@@ -241,10 +232,8 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int | None = 
     scratch = [_Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
-            m = block.shape[0]
-            cuts = [m * w // threads for w in range(threads + 1)]
             pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b], scratch[w])
-                                   for w, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])) if b > a])
+                                   for w, (a, b) in enumerate(row_slices(block.shape[0], threads))])
     bad = np.flatnonzero(np.isnan(scores))
     if bad.size:
         raise NonFiniteFeatures(int(bad[0]))
@@ -259,7 +248,7 @@ def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarra
     scratch = scratch or _Scratch()
     dots = np.empty(x.shape[0])
     norms = np.empty(x.shape[0])
-    for k, idx in _class_groups(labels):
+    for k, idx in groups_of(labels):
         xk = _gather(x, idx, scratch, np.float64)
         dots[idx] = xk @ u[k]
         norms[idx] = np.sqrt(np.einsum("nd,nd->n", xk, xk))

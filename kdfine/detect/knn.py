@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kdfine.detect.base import DETECTORS, Detection, class_report
+from kdfine.detect.base import DETECTORS, Detection, class_report, groups_of
 from kdfine.files.rows import row_blocks, take_rows
 from kdfine.runtime.threads import Workers, cpu_threads
 
@@ -116,19 +116,12 @@ def _clustered_labels(features, ref: np.ndarray, refx: np.ndarray, ref_labels: n
             own[is_ref] = pos[is_ref]
             sims = np.full((q.shape[0], probes * k), -np.inf, dtype=np.float32)
             cand = np.zeros((q.shape[0], probes * k), dtype=np.int64)  # positions in the reference set
-            tasks = [(j, c, idx) for j in range(probes) for c, idx in _groups(near[:, j])]
+            tasks = [(j, c, idx) for j in range(probes) for c, idx in groups_of(near[:, j])]
             pool.run(_search_clusters, [(tasks[w::threads], q, own, owner, slot, members, member_rows, k, sims, cand)
                                         for w in range(threads)])
             top = _top_columns(sims, k)
             order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
             yield lo, ref_labels[np.take_along_axis(cand, np.take_along_axis(top, order, axis=1), axis=1)]
-
-
-def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """[(key, ascending positions holding it)] for each key present, from one stable sort."""
-    order = np.argsort(keys, kind="stable")
-    bounds = np.flatnonzero(np.diff(keys[order])) + 1
-    return [(int(keys[order[a]]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, keys.size])]
 
 
 def _nearest_centroids(sims: np.ndarray, probes: int) -> np.ndarray:

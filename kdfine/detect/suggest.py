@@ -20,12 +20,10 @@ else the neighbours' labels (vote shares). Which evidence suggests best is measu
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from kdfine.files.rows import CHUNK, row_blocks
-from kdfine.runtime.threads import cpu_threads
+from kdfine.runtime.threads import Workers, cpu_threads, row_slices
 
 
 def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarray | None = None,
@@ -51,12 +49,9 @@ def suggest(labels: np.ndarray, *, logits=None, features=None, vectors: np.ndarr
     # each block's rows are split between the threads (numpy releases the GIL; pick calls no BLAS,
     # so no pool limit is needed, nor scipy imported for one)
     threads = cpu_threads()
-    with ThreadPoolExecutor(threads, thread_name_prefix="kdfine-suggest") as pool:
+    with Workers(threads, limit_blas=False) as pool:
         for lo, lp in _log_probabilities(n, logits, features, vectors, neighbour_labels, num_classes, chunk):
-            m = lp.shape[0]
-            cuts = [m * w // threads for w in range(threads + 1)]
-            for f in [pool.submit(rows, lp[a:b], lo + a) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]:
-                f.result()
+            pool.run(rows, [(lp[a:b], lo + a) for a, b in row_slices(lp.shape[0], threads)])
     return out, out_p
 
 

@@ -22,6 +22,12 @@ def cpu_threads() -> int:
     return max(cpus // max(local, 1), 1)
 
 
+def row_slices(rows: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous (start, stop) slices of ``rows`` rows, as equal as they come; empty ones left out."""
+    cuts = [rows * w // parts for w in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
 @contextlib.contextmanager
 def thread_limit(threads: int):
     """Limit the BLAS and OpenMP pools of numpy and scipy to ``threads`` for the duration. The
@@ -40,9 +46,11 @@ class Workers:
     their speed when other processes share the cores, where one multi-threaded BLAS call stalls
     each time one of its threads is descheduled."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, limit_blas: bool = True):
+        """limit_blas=False: no BLAS pool limit (for tasks that call no BLAS: nothing to limit, and
+        no scipy import)."""
         self.threads = threads
-        self.limit = thread_limit(1)
+        self.limit = thread_limit(1) if limit_blas else contextlib.nullcontext()
         self.pool = None
 
     def __enter__(self) -> "Workers":
@@ -50,7 +58,7 @@ class Workers:
         if self.threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kdfine-fine")
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kdfine-workers")
         return self
 
     def run(self, fn, arg_lists) -> None:

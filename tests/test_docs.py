@@ -14,11 +14,11 @@ Run as ``python tests/test_docs.py --serve SOCKET`` it is that server.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -297,7 +297,7 @@ def serve(path: str) -> None:
     import torch.onnx  # noqa: F401
 
     _warm_up()
-    zygote.accept_forever(path, _child)
+    zygote.accept_forever(path, functools.partial(zygote.supervise, run=_run_command))
 
 
 def _warm_up() -> None:
@@ -329,22 +329,9 @@ def capped(args: list[str]) -> list[str]:
     return out
 
 
-def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
-    """Run ``kdfine ARGS`` as the client would have, its stdout recorded for the checks."""
-    code = 1
-    try:
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-        os.chdir(req["cwd"])
-        os.environ.clear()
-        os.environ.update(req["env"])
-        record = Path(req["env"]["KDFINE_DOCS_RECORD"]) / f"{time.monotonic_ns()}-{os.getpid()}"
-        code = _run_recorded(req["argv"], record)
-    finally:
-        try:
-            conn.send(str(code).encode())
-        finally:
-            os._exit(code)
+def _run_command(argv: list[str]) -> int:
+    """One ``kdfine ARGS`` of a page, in the forked child, its stdout recorded for the checks."""
+    return _run_recorded(argv, Path(os.environ["KDFINE_DOCS_RECORD"]) / f"{time.monotonic_ns()}-{os.getpid()}")
 
 
 def _run_recorded(argv: list[str], record: Path) -> int:
@@ -379,17 +366,6 @@ def _cpu_seconds() -> float:
     return round(use.ru_utime + use.ru_stime, 2)
 
 
-CLIENT = """#!{python} -S
-import json, os, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-s.connect(os.environ["KDFINE_DOCS_SERVER"])
-req = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}
-socket.send_fds(s, [json.dumps(req).encode()], [0, 1, 2])
-code = s.recv(16)
-sys.exit(int(code) if code else 1)
-"""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The fork server, and ``kdfine`` and ``python`` on a PATH of their own."""
@@ -397,7 +373,7 @@ def server(tmp_path_factory):
     sock = os.path.join(tempfile.mkdtemp(prefix="kdfine-docs-", dir="/tmp"), "s")  # AF_UNIX: <= 107 bytes
     bin_dir = home / "bin"
     bin_dir.mkdir()
-    (bin_dir / "kdfine").write_text(CLIENT.format(python=sys.executable))
+    (bin_dir / "kdfine").write_text(zygote.CLIENT.format(python=sys.executable))
     (bin_dir / "kdfine").chmod(0o755)
     (bin_dir / "python").symlink_to(sys.executable)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
@@ -406,7 +382,7 @@ def server(tmp_path_factory):
     while not os.path.exists(sock):
         assert proc.poll() is None and time.monotonic() < deadline, "the docs' fork server did not start"
         time.sleep(0.05)
-    env.update(KDFINE_DOCS_SERVER=sock, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+    env.update(KDFINE_ZYGOTE=sock, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
                KDFINE_CACHE=str(home / "cache"))
     env.pop("KDFINE_DEBUG", None)
     yield env

@@ -75,7 +75,7 @@ def serve(path: str) -> None:
 
     loaded = [m for m in NOT_PRELOADED if m in sys.modules]
     assert not loaded, f"the fork server imported {loaded}: their environment variables would be stale"
-    accept_forever(path, _supervise)
+    accept_forever(path, supervise)
 
 
 def accept_forever(path: str, handle) -> None:
@@ -104,14 +104,16 @@ def accept_forever(path: str, handle) -> None:
             os.close(fd)
 
 
-def _supervise(conn: socket.socket, req: dict, fds: list[int]) -> None:
+def supervise(conn: socket.socket, req: dict, fds: list[int], run=None) -> None:
+    """Fork the command, send its pid, wait for it, send its status, end (never returns). ``run``:
+    what the command does instead of ``python -m kdfine`` (``run(argv) -> exit code``)."""
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         pid = os.fork()
         if pid == 0:
             conn.close()
-            _command(req, fds)
+            _command(req, fds, run)
         for fd in fds:
             os.close(fd)
         conn.send(json.dumps({"pid": pid}).encode())
@@ -121,8 +123,8 @@ def _supervise(conn: socket.socket, req: dict, fds: list[int]) -> None:
         os._exit(0)
 
 
-def _command(req: dict, fds: list[int]) -> None:
-    """Become ``python -m kdfine ARGV`` (never returns)."""
+def _command(req: dict, fds: list[int], run=None) -> None:
+    """Become ``python -m kdfine ARGV``, or ``run(ARGV)`` (never returns)."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter has them
@@ -137,17 +139,7 @@ def _command(req: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(req["env"])
         try:
-            if req.get("module", "kdfine") == "kdfine":
-                import kdfine.__main__ as entry
-
-                sys.argv = [entry.__file__, *req["argv"]]
-                entry.main()
-            else:  # torchrun's launcher, whose workers are clients of this server (CLIENT)
-                import runpy
-
-                sys.argv = [req["module"], *req["argv"]]
-                runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-            code = 0
+            code = run(req["argv"]) if run is not None else _python_m(req["module"], req["argv"])
         except SystemExit as e:
             code = _exit_code(e.code)
         except KeyboardInterrupt:  # the interpreter ends by the signal itself
@@ -176,6 +168,21 @@ def _command(req: dict, fds: list[int]) -> None:
         os._exit(code)
 
 
+def _python_m(module: str, argv: list[str]) -> int:
+    """``python -m MODULE ARGV`` in this process; 0 when it returns."""
+    if module == "kdfine":
+        import kdfine.__main__ as entry
+
+        sys.argv = [entry.__file__, *argv]
+        entry.main()
+    else:  # torchrun's launcher, whose workers are clients of this server (CLIENT)
+        import runpy
+
+        sys.argv = [module, *argv]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
 def _exit_code(value) -> int:
     if value is None:
         return 0
@@ -189,20 +196,16 @@ def _exit_code(value) -> int:
 
 class Proc:
     """A command forked by the server; like ``subprocess.Popen`` for ``pid``, ``returncode``,
-    ``poll``, ``wait``, ``send_signal``, ``kill``, ``communicate`` and ``args``. stdout and stderr
-    are pipes (text mode) when ``capture`` is true, else the caller's."""
+    ``poll``, ``wait``, ``send_signal``, ``kill``, ``communicate`` and ``args``; stdout and stderr
+    are pipes (text mode), stdin a pipe (``stdin_data``) or /dev/null."""
 
-    def __init__(self, sock: str, argv: list[str], env: dict[str, str], cwd: str, capture: bool = True,
-                 stdin_data: bool = True, module: str = "kdfine"):
+    def __init__(self, sock: str, argv: list[str], env: dict[str, str], cwd: str, stdin_data: bool = True,
+                 module: str = "kdfine"):
         self.args = [sys.executable, "-m", module, *argv]
         self.returncode: int | None = None
         r_in, self._w_in = os.pipe() if stdin_data else (os.open(os.devnull, os.O_RDONLY), None)
-        if capture:
-            self._r_out, w_out = os.pipe()
-            self._r_err, w_err = os.pipe()
-        else:
-            self._r_out = self._r_err = None
-            w_out, w_err = os.dup(1), os.dup(2)
+        self._r_out, w_out = os.pipe()
+        self._r_err, w_err = os.pipe()
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._conn.connect(sock)
         try:
@@ -271,7 +274,7 @@ class Proc:
                 os.close(self._w_in)
                 self._w_in = None
         for fd in (self._r_out, self._r_err):
-            if fd is not None:
+            if fd is not None:  # None: read to the end by an earlier call
                 chunks[fd] = []
                 sel.register(fd, selectors.EVENT_READ)
         while sel.get_map():

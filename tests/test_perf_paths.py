@@ -133,6 +133,17 @@ def test_detect_noise_cli_does_not_import_torch(tmp_path):
     assert (tmp_path / "c.csv").read_text().startswith("index,label,score,p_clean,suggested,suggested_p\n")
 
 
+def test_loading_a_checkpoint_does_not_import_dynamo(digits_teacher):
+    """The fit check builds the arch on the meta device first; a random init there goes through
+    torch._refs, whose first call imports torch._dynamo: 2-3 s on every eval, distill or predict."""
+    code = ("import sys, torch; from kdfine.models import checkpoint\n"
+            f"ck = checkpoint.load({str(digits_teacher)!r})\n"
+            "ck.model(torch.zeros(2, ck.meta['in_channels'], ck.meta['image_size'], ck.meta['image_size']))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def one_step(model, x, y, *, channels_last: bool):
     """Loss and parameters after one SGD step from a copy of ``model``'s state."""
     import copy

@@ -16,6 +16,8 @@ from kdfine.models.base import Classifier
 
 
 def _init(module: nn.Module) -> None:
+    if any(p.is_meta for p in module.parameters()):
+        return  # a shape-only skeleton: meta's random draws go through torch._refs, which imports dynamo (2-3 s)
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

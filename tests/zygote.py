@@ -10,7 +10,10 @@ descriptors, argv, environment and working directory, its own exit status or kil
 What a fork cannot reproduce is decided before the import: settings read when Python starts or a
 module loads (``PYTHON*``, the locale, ``OMP_*``, ``KDFINE_DEBUG``, the hubs' variables, ...).
 :func:`forkable` sends a command with any of those different from the server's to a real
-interpreter instead; so does every test of the interpreter's own start.
+interpreter instead; so does every test of the interpreter's own start. A different PYTHONPATH
+(the tests' sitecustomize that cuts the network, a package that hides an optional library) is done
+in the forked process as a new interpreter's start does it, unless it would hide a module the
+server has already imported: then the forked process execs a new interpreter.
 
 Per request the server forks a supervisor, which forks the command, sends its pid, waits for it
 and sends its status (``os.waitstatus_to_exitcode``: negative for a signal). The server itself
@@ -21,6 +24,7 @@ Run as ``python tests/zygote.py SOCKET`` it is the server; it ends with the proc
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -46,7 +50,9 @@ NOT_PRELOADED = ("huggingface_hub", "timm", "matplotlib", "onnxruntime")
 
 
 def _sensitive(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if IMPORT_TIME.match(k)}
+    """The settings a fork would get wrong. PYTHONPATH is not among them: the command's process
+    does what the interpreter's start does with it (:func:`_start_paths`)."""
+    return {k: v for k, v in env.items() if IMPORT_TIME.match(k) and k != "PYTHONPATH"}
 
 
 # ---------------------------------------------------------------- the server (its own process)
@@ -136,8 +142,11 @@ def _command(req: dict, fds: list[int], run=None) -> None:
             if fd > 2:
                 os.close(fd)
         os.chdir(req["cwd"])
+        started_with = os.environ.get("PYTHONPATH", "")
         os.environ.clear()
         os.environ.update(req["env"])
+        if not _start_paths(started_with, req["env"].get("PYTHONPATH", "")) and run is None:
+            os.execve(sys.executable, [sys.executable, "-m", req["module"], *req["argv"]], req["env"])
         try:
             code = run(req["argv"]) if run is not None else _python_m(req["module"], req["argv"])
         except SystemExit as e:
@@ -166,6 +175,40 @@ def _command(req: dict, fds: list[int], run=None) -> None:
                 code = 120 if code == 0 else code  # the interpreter's status when the final flush fails
     finally:
         os._exit(code)
+
+
+def _start_paths(old: str, new: str) -> bool:
+    """Do what a new interpreter's start does with PYTHONPATH ``new`` in this process, forked from
+    one started with ``old``: the entries go on ``sys.path`` after the script's directory, then
+    ``sitecustomize`` and ``usercustomize`` are imported if they are found. False (nothing changed)
+    where a fork cannot be the same: an entry of ``old`` left out, or an added one holding a module
+    this process has already imported (a new interpreter would import that one instead)."""
+    if new == old:
+        return True
+    before = [os.path.abspath(p) for p in old.split(os.pathsep) if p]
+    entries = [os.path.abspath(p) for p in new.split(os.pathsep) if p]
+    if not set(before) <= set(entries):
+        return False
+    loaded = {name.partition(".")[0] for name in sys.modules}
+    for entry in set(entries) - set(before):
+        try:
+            names = {name.partition(".")[0] for name in os.listdir(entry)}
+        except OSError:
+            continue  # no directory there: nothing can be imported from it
+        if names & loaded:
+            return False
+    rest = [p for p in sys.path[1:] if p not in before]
+    sys.path[:] = [sys.path[0], *entries, *rest]
+    importlib.invalidate_caches()
+    import site
+
+    for hook in ("sitecustomize", "usercustomize") if site.ENABLE_USER_SITE else ("sitecustomize",):
+        try:
+            importlib.import_module(hook)
+        except ImportError as e:
+            if e.name != hook:
+                raise
+    return True
 
 
 def _python_m(module: str, argv: list[str]) -> int:

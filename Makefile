@@ -12,10 +12,11 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIN)
 
+# One resolve, then the wheels unpacked by two pip processes at once (scripts/install.py): torch's
+# CUDA libraries are most of the install's time, and one pip uses one core.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test,plot]'
+	$(BIN)/python scripts/install.py $(TORCH_PIN) -e '.[test,plot]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -12,6 +12,7 @@ checkpoint's own outputs before the file is written: no match to 1e-4, no file.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import tempfile
@@ -91,12 +92,25 @@ def _compare(got: np.ndarray, want: np.ndarray, fmt: str) -> None:
                          f"(tolerance {TOLERANCE:g}); nothing written")
 
 
+def out_of_place(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` whose activations return new tensors instead of overwriting their input
+    (``inplace=False``; the same values). Under a dynamic batch axis the exporter decomposes an
+    in-place activation (torchvision's ``Hardswish(inplace=True)``) into symbolic clamps, which
+    took half of a MobileNet's export time, for the same ONNX graph."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if getattr(m, "inplace", None) is True:
+            m.inplace = False
+    return net
+
+
 def to_onnx(net: Normalised, x: np.ndarray, meta: dict[str, Any], opset: int | None) -> bytes:
     """The ONNX file of ``net`` (dynamic batch axis), checked with onnxruntime on ``x`` and on
     its first 3 rows (another batch size) against torch's outputs."""
     import onnx
     import onnxruntime as ort
 
+    net = out_of_place(net)
     example = torch.from_numpy(x[:2])
     batch = torch.export.Dim("batch", min=1)
     with tempfile.TemporaryDirectory(prefix="kdfine-export-") as tmp, warnings.catch_warnings():

@@ -9,9 +9,12 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test system completions man clean-venv
 
+# The venv without pip, then a current pip installed into it by the interpreter's own (ensurepip's
+# bundled pip, then an upgrade, took 12 s); where that pip is too old for --python, ensurepip.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install --quiet --upgrade pip 2>/dev/null || \
+	  { $(BIN)/python -m ensurepip --default-pip >/dev/null && $(BIN)/python -m pip install --quiet --upgrade pip; }
 
 # One resolve, then the wheels unpacked by two pip processes at once (scripts/install.py): torch's
 # CUDA libraries are most of the install's time, and one pip uses one core.

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: editable projects are built for the resolve, as pip does
+    tomllib = None
 
 PIP = [sys.executable, "-m", "pip", "install", "--quiet"]
 UNKNOWN_SIZE = 1 << 20  # a wheel fetched from an index: its size is not in the report, and such wheels are small
@@ -70,12 +76,46 @@ def split(items: list[dict], n: int = 2) -> tuple[list[list[str]], list[str]]:
     return [g for g in groups if g], editable
 
 
+def _name(requirement: str) -> str:
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", m[1]).lower() if m else ""
+
+
+def declared(spec: str) -> tuple[str, list[str]] | None:
+    """The directory of an editable ``DIR[extra,...]`` and the requirements its pyproject.toml lists
+    for it and those extras, or None when they are not all written there (then pip builds it)."""
+    m = re.fullmatch(r"(.+?)(?:\[([^\]]*)\])?", spec)
+    path, extras = m[1], [e.strip() for e in (m[2] or "").split(",") if e.strip()]
+    try:
+        project = tomllib.loads((Path(path) / "pyproject.toml").read_text())["project"]
+    except (AttributeError, OSError, KeyError, ValueError):
+        return None
+    optional = project.get("optional-dependencies", {})
+    if {"dependencies", "optional-dependencies"} & set(project.get("dynamic", [])) or not set(extras) <= set(optional):
+        return None
+    deps = [*project.get("dependencies", []), *(d for e in extras for d in optional[e])]
+    if any(_name(d) == _name(project.get("name", "")) for d in deps):
+        return None  # an extra that names the project itself
+    return path, deps
+
+
 def main(reqs: list[str]) -> int:
-    items = plan(reqs)
+    wanted, editable, i = [], [], 0
+    while i < len(reqs):
+        found = declared(reqs[i + 1]) if reqs[i] in ("-e", "--editable") and i + 1 < len(reqs) else None
+        if found:
+            editable.append(found[0])
+            wanted += found[1]
+            i += 2
+        else:
+            wanted.append(reqs[i])
+            i += 1
+    items = plan(wanted)
     if items is None or any("dir_info" in i["download_info"] and not i["download_info"]["dir_info"].get("editable")
                             for i in items):
         return subprocess.run([*PIP, *reqs]).returncode  # a local non-editable project: pip's own way
-    groups, editable = split(items)
+    groups, built = split(items)
+    editable += built
     jobs = [subprocess.Popen([*PIP, "--no-deps", *g]) for g in groups]
     jobs += [subprocess.Popen([*PIP, "--no-deps", "-e", path]) for path in editable]
     codes = [j.wait() for j in jobs]

@@ -43,3 +43,17 @@ def test_a_damaged_local_wheel_counts_as_small_not_as_an_error(tmp_path):
     assert install.size(bad.as_uri()) == install.UNKNOWN_SIZE
     groups, editable = install.split([entry(bad.as_uri())])
     assert groups == [[bad.as_uri()]] and editable == []
+
+
+def test_an_editable_projects_requirements_are_read_not_built(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "my_proj"\ndependencies = ["numpy>=1", "rich; python_version >= \'3\'"]\n'
+        '[project.optional-dependencies]\ntest = ["pytest"]\nplot = ["matplotlib"]\nself = ["My-Proj[test]"]\n')
+    assert install.declared(f"{tmp_path}[test]") == (str(tmp_path), ["numpy>=1", "rich; python_version >= '3'",
+                                                                      "pytest"])
+    assert install.declared(str(tmp_path)) == (str(tmp_path), ["numpy>=1", "rich; python_version >= '3'"])
+    assert install.declared(f"{tmp_path}[nope]") is None  # pip reports the unknown extra itself
+    assert install.declared(f"{tmp_path}[self]") is None  # an extra naming the project needs the project
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "p"\ndynamic = ["dependencies"]\n')
+    assert install.declared(str(tmp_path)) is None
+    assert install.declared(str(tmp_path / "missing")) is None

@@ -146,6 +146,8 @@ def _command(req: dict, fds: list[int], run=None) -> None:
         os.environ.clear()
         os.environ.update(req["env"])
         if not _start_paths(started_with, req["env"].get("PYTHONPATH", "")) and run is None:
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as subprocess gives a child: Python ignores them
+                signal.signal(sig, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, "-m", req["module"], *req["argv"]], req["env"])
         try:
             code = run(req["argv"]) if run is not None else _python_m(req["module"], req["argv"])

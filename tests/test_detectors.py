@@ -205,6 +205,75 @@ def test_clustered_search_agrees_with_the_exact_search_and_is_off_up_to_exact_ma
     assert knn.knn_split(x, labels, reference=1500, exact_max=x.shape[0] - 1)[0].shape == b[0].shape
 
 
+def test_clustered_search_does_not_depend_on_dtype_block_or_threads(monkeypatch):
+    """Each block is cut into one slice per thread, and each slice's rows are reordered by their
+    nearest centroid: the neighbours found must not depend on the cut, the block size or the dtype."""
+    x, labels, _ = clusters(8, k=6, per_class=300)
+    monkeypatch.setattr(knn, "CLUSTERS", 12)
+    want = np.concatenate([nb for _, nb in knn.neighbour_labels(x, labels, k=5, reference=900, exact_max=0)])
+    monkeypatch.setattr(knn, "CLUSTER_BLOCK", 173)
+    monkeypatch.setattr(knn, "cpu_threads", lambda: 3)
+    for features in (x, x.astype(np.float64)):
+        got = np.concatenate([nb for _, nb in knn.neighbour_labels(features, labels, k=5, reference=900, exact_max=0)])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_knn_counts_stop_after_the_current_block(monkeypatch):
+    """A caller that runs the search beside other work and fails sets ``stop``: no further block is searched."""
+    import threading
+
+    x, labels, _ = clusters(9, k=4, per_class=200)
+    monkeypatch.setattr(knn, "CLUSTER_BLOCK", 100)
+    searched = []
+    real = knn._search_slice
+    monkeypatch.setattr(knn, "_search_slice", lambda *a: searched.append(a[2]) or real(*a))
+    stop = threading.Event()
+    stop.set()
+    knn.knn_counts(x, labels, reference=300, exact_max=0, stop=stop)
+    assert searched and max(searched) < 100  # the first block's slices only, of 8
+    searched.clear()
+    knn.knn_counts(x, labels, reference=300, exact_max=0)
+    assert max(searched) >= 700
+
+
+def test_auto_fails_fast_and_stops_its_neighbour_search(monkeypatch):
+    """auto's knn runs on its own thread beside FINE: when FINE fails (a NaN feature), the error
+    comes out and the search stops after its current block instead of running to its end."""
+    import threading
+    import time
+
+    from kdfine.detect.base import NonFiniteFeatures
+
+    x, labels, _ = clusters(10, k=4, per_class=200)
+    x[5, 3] = np.nan
+    logits = np.eye(4)[labels] * 3.0
+    failed = threading.Event()
+    real_vectors = auto.class_vectors
+
+    def vectors(*a, **kw):
+        try:
+            return real_vectors(*a, **kw)
+        finally:
+            failed.set()
+
+    searched = []
+    real_slice = knn._search_slice
+
+    def search_slice(*a):  # the side search waits until FINE has failed
+        failed.wait(10)
+        time.sleep(0.2)
+        searched.append(a[2])
+        real_slice(*a)
+
+    monkeypatch.setattr(auto, "class_vectors", vectors)
+    monkeypatch.setattr(knn, "_search_slice", search_slice)
+    monkeypatch.setattr(knn, "CLUSTER_BLOCK", 50)
+    monkeypatch.setattr(auto, "knn_counts", lambda *a, **kw: knn.knn_counts(*a, exact_max=0, **kw))  # clustered
+    with pytest.raises(NonFiniteFeatures):
+        auto.auto_detect(x, labels, 4, logits=logits)
+    assert failed.is_set() and searched and max(searched) < 50  # the first block only, of 16
+
+
 def test_top_columns_are_the_largest_whatever_the_ties():
     rng = np.random.default_rng(7)
     s = rng.integers(0, 5, (300, 40)).astype(np.float32)  # many ties

@@ -40,7 +40,7 @@ benchmark's digits asym:0.4 dump the loss's fitted d was 1.50 against a true d o
 6. the neighbours as a second opinion: knn (:mod:`kdfine.detect.knn`, k = 10 cosine neighbours
    in the same features; above 50,000 rows searched through clusters of its 10,000-row reference
    set, which kept the same samples at 100,000 rows and cut auto's time at 1M rows from 262 to
-   36-42 CPU s) gives p_knn = (own + 1) / (own + 1 + other): the label's share of the
+   36-42 CPU s; it runs beside steps 1-5, on its own threads) gives p_knn = (own + 1) / (own + 1 + other): the label's share of the
    votes of the two leading labels among the neighbours, the sample itself voting for its label
    (so p_knn > 0.5 exactly when knn keeps it: its label is a most frequent neighbour label).
    auto's p_clean = max(p of steps 1-5, p_knn); keep if it exceeds zeta: a sample is dropped
@@ -63,6 +63,8 @@ samples kept by the neighbours alone are reported (``auto`` in the JSON, and eac
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +73,7 @@ from kdfine.detect.base import DETECTORS, Detection, class_report
 from kdfine.detect.fine import alignment_scores, class_vectors, split
 from kdfine.detect.knn import knn_counts
 from kdfine.detect.small_loss import label_fit_rate, small_loss_split
+from kdfine.runtime.threads import thread_limit
 
 _TINY = 1e-12
 
@@ -224,13 +227,23 @@ def auto_detect(features, labels, num_classes: int, *, zeta: float = 0.5, seed: 
     """FINE's scores and split and the small-loss posteriors, combined by :func:`combine`, then
     the neighbours' labels by :func:`with_neighbours`; features (N, D), labels (N,), logits (N, K)."""
     k = num_classes
-    vectors = class_vectors(features, labels, k, vectors_from, chunk)
-    scores = alignment_scores(features, labels, vectors, chunk)
-    _, p, _ = split(scores, labels, zeta=zeta, method="gmm", seed=seed, num_classes=k)
-    _, loss_p, likelihood = small_loss_split(logits, labels, zeta=zeta, seed=seed)
-    loss = -np.log(np.maximum(likelihood, np.finfo(np.float64).tiny))
-    c = combine(scores, p, loss, loss_p, labels, k, zeta=zeta, fit_rate=label_fit_rate(logits, labels))
-    own, other, used = knn_counts(features, labels, seed=seed)
+    stop = threading.Event()
+    # knn needs nothing from steps 1-5, so it searches on its own threads meanwhile: each side's
+    # serial moments (reading a block, the mixtures, the k-means) leave a core to the other (at
+    # 1M x 512: 14.8 s instead of 17.4 in-process); every BLAS pool stays at one thread throughout
+    with thread_limit(1), ThreadPoolExecutor(1, thread_name_prefix="kdfine-knn") as side:
+        neighbours = side.submit(knn_counts, features, labels, seed=seed, stop=stop)
+        try:
+            vectors = class_vectors(features, labels, k, vectors_from, chunk)
+            scores = alignment_scores(features, labels, vectors, chunk)
+            _, p, _ = split(scores, labels, zeta=zeta, method="gmm", seed=seed, num_classes=k)
+            _, loss_p, likelihood = small_loss_split(logits, labels, zeta=zeta, seed=seed)
+            loss = -np.log(np.maximum(likelihood, np.finfo(np.float64).tiny))
+            c = combine(scores, p, loss, loss_p, labels, k, zeta=zeta, fit_rate=label_fit_rate(logits, labels))
+            own, other, used = neighbours.result()
+        except BaseException:
+            stop.set()  # the search ends after its current block instead of running to the end
+            raise
     keep, p_clean, score = with_neighbours(c, neighbour_posterior(own, other), own / used, zeta)
     report = class_report(keep, score, labels, k, note=c.short())
     rescued = int((keep & ~c.keep).sum())

@@ -27,18 +27,23 @@ synthetic features (100 classes, 30% wrong labels, 100,000 x 512): knn's keep de
 fifth of its CPU time (5.4 against 28.9 s); at 1M rows auto's kept set has Jaccard 0.99999 with the
 previous code's exact search (bench/RESULTS.md, "detect-noise at 1M x 512 (issue 23, item 4)"). Sets
 of up to 50,000 rows, the benchmark's and CIFAR's among them, get the exact search and the same
-results as before.
+results as before. Each block of the clustered search is cut into one slice of rows per thread, and
+a thread runs every step of its slice; the rows are normalised into a reused buffer in the order of
+their nearest centroid (found from the raw rows: the order does not depend on a row's norm), so the
+first probe's products read them in place (knn at 1M x 512: 8.6 s wall against 11.9 for one thread
+doing the centroid products and normalising into fresh arrays; the same neighbours).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 import numpy as np
 
 from kdfine.detect.base import DETECTORS, Detection, class_report, groups_of
 from kdfine.files.rows import row_blocks, take_rows
-from kdfine.runtime.threads import Workers, cpu_threads
+from kdfine.runtime.threads import Workers, cpu_threads, row_slices
 
 K = 10
 REFERENCE = 10_000
@@ -47,7 +52,7 @@ EXACT_MAX = 50_000  # above this many rows (CIFAR's 50,000 training rows: exact)
 CLUSTERS = 200  # spherical k-means clusters of the reference set
 PROBES = 3  # a query row is compared with the members of its PROBES nearest centroids
 KMEANS_ITERATIONS = 10
-CLUSTER_BLOCK = 16384  # query rows per block of the clustered search
+CLUSTER_BLOCK = 16384  # query rows per block of the clustered search (one slice per thread)
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -95,33 +100,96 @@ def _clustered_labels(features, ref: np.ndarray, refx: np.ndarray, ref_labels: n
     """The k nearest reference rows searched through clusters of the reference set: spherical
     k-means (``CLUSTERS`` centroids, seeded) splits the reference set; a query row is compared with
     the members of its ``PROBES`` nearest centroids only, and the k nearest of those are its
-    neighbours."""
+    neighbours. Each block's rows are cut into one slice per thread, and a thread runs every step
+    of its slice (normalising, the centroid products, the members' products, the top k): one
+    thread for the centroid products alone left the other core idle for a quarter of the search."""
     threads = cpu_threads()
     with Workers(threads) as pool:  # its BLAS limit also keeps the k-means' products on one thread
-        centroids = _spherical_kmeans(refx, min(CLUSTERS, refx.shape[0]), seed)
-        owner = np.argmax(refx @ centroids.T, axis=1)
-        members = [np.flatnonzero(owner == c) for c in range(centroids.shape[0])]
-        member_rows = [np.ascontiguousarray(refx[m]) for m in members]
-        slot = np.empty(ref.size, dtype=np.int64)  # a reference row's place in its cluster's list
-        for m in members:
-            slot[m] = np.arange(m.size)
-        probes = min(PROBES, centroids.shape[0])
+        index = _ClusterIndex(refx, _spherical_kmeans(refx, min(CLUSTERS, refx.shape[0]), seed), ref, ref_labels)
+        scratch = [_Scratch() for _ in range(threads)]
         for lo, rows in row_blocks(features, CLUSTER_BLOCK):
-            q = _normalised(rows)
-            near = _nearest_centroids(q @ centroids.T, probes)  # (b, probes)
-            # the block's rows that are reference rows themselves: not their own neighbours
-            pos = np.searchsorted(ref, np.arange(lo, lo + q.shape[0]))
-            own = np.full(q.shape[0], -1, dtype=np.int64)
-            is_ref = (pos < ref.size) & (ref[np.minimum(pos, ref.size - 1)] == np.arange(lo, lo + q.shape[0]))
-            own[is_ref] = pos[is_ref]
-            sims = np.full((q.shape[0], probes * k), -np.inf, dtype=np.float32)
-            cand = np.zeros((q.shape[0], probes * k), dtype=np.int64)  # positions in the reference set
-            tasks = [(j, c, idx) for j in range(probes) for c, idx in groups_of(near[:, j])]
-            pool.run(_search_clusters, [(tasks[w::threads], q, own, owner, slot, members, member_rows, k, sims, cand)
-                                        for w in range(threads)])
-            top = _top_columns(sims, k)
-            order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-            yield lo, ref_labels[np.take_along_axis(cand, np.take_along_axis(top, order, axis=1), axis=1)]
+            nb = np.empty((rows.shape[0], k), dtype=ref_labels.dtype)
+            pool.run(_search_slice, [(index, rows[a:b], lo + a, k, nb[a:b], scratch[w])
+                                     for w, (a, b) in enumerate(row_slices(rows.shape[0], threads))])
+            yield lo, nb
+
+
+class _ClusterIndex:
+    """The reference set split by its nearest centroid: ``centroids`` (C, D) unit rows, and per
+    centroid its ``members`` (positions in the reference set) and their unit rows (``member_rows``);
+    ``owner`` (R,) each reference row's centroid and ``slot`` (R,) its place in that list."""
+
+    def __init__(self, refx: np.ndarray, centroids: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray):
+        self.centroids, self.ref, self.ref_labels = centroids, ref, ref_labels
+        self.owner = np.argmax(refx @ centroids.T, axis=1)
+        self.members = [np.flatnonzero(self.owner == c) for c in range(centroids.shape[0])]
+        self.member_rows = [np.ascontiguousarray(refx[m]) for m in self.members]
+        self.slot = np.empty(ref.size, dtype=np.int64)
+        for m in self.members:
+            self.slot[m] = np.arange(m.size)
+        self.probes = min(PROBES, centroids.shape[0])
+
+
+class _Scratch:
+    """One worker thread's reused float32 buffer for its normalised rows (a fresh 2 GB of arrays
+    over a 1M x 512 search paid its page faults on one core: 2 of the search's 12 s)."""
+
+    def __init__(self):
+        self.buf = np.empty((0, 0), dtype=np.float32)
+
+    def unit_rows(self, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """``rows[order]`` (n, D) scaled to unit L2 norm (zero rows stay zero), as float32, in the buffer."""
+        if self.buf.shape[0] < rows.shape[0] or self.buf.shape[1] != rows.shape[1]:
+            self.buf = np.empty(rows.shape, dtype=np.float32)
+        q = self.buf[:rows.shape[0]]
+        if rows.dtype == np.float32:
+            np.take(rows, order, axis=0, out=q)
+        else:
+            q[...] = rows[order]
+        norms = np.sqrt(np.einsum("nd,nd->n", q, q))
+        q /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+        return q
+
+
+def _search_slice(index: _ClusterIndex, rows: np.ndarray, lo: int, k: int, out: np.ndarray, scratch: _Scratch) -> None:
+    """``out`` (n, k): the labels of the k most similar members of the ``index.probes`` clusters
+    nearest to each of ``rows`` (n, D), nearest first; rows lo..lo+n-1 of the features (a row that
+    is a reference row is not its own neighbour)."""
+    n, probes, ref = rows.shape[0], index.probes, index.ref
+    # a row's nearest centroids do not depend on its norm: found from the raw rows, they let the unit
+    # rows be written in the order of their nearest centroid, so that its products read them in place
+    near = _nearest_centroids(np.asarray(rows, np.float32) @ index.centroids.T, probes)  # (n, probes)
+    order = np.argsort(near[:, 0], kind="stable")
+    q = scratch.unit_rows(rows, order)  # q[i] is rows[order[i]]
+    near, rows_at = near[order], lo + order
+    pos = np.minimum(np.searchsorted(ref, rows_at), ref.size - 1)
+    own = np.where(ref[pos] == rows_at, pos, -1)  # each row's position in the reference set, or -1
+    sims = np.full((n, probes * k), -np.inf, dtype=np.float32)
+    cand = np.zeros((n, probes * k), dtype=np.int64)  # positions in the reference set
+    for j in range(probes):
+        for c, idx in groups_of(near[:, j]):
+            at = slice(idx[0], idx[-1] + 1) if j == 0 else idx  # the first probe's rows are contiguous
+            _search_cluster(index, c, q[at], own[at], k, sims, cand, at, j * k)
+    top = _top_columns(sims, k)
+    best = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+    out[order] = index.ref_labels[np.take_along_axis(cand, np.take_along_axis(top, best, axis=1), axis=1)]
+
+
+def _search_cluster(index: _ClusterIndex, c: int, q: np.ndarray, own: np.ndarray, k: int, sims: np.ndarray,
+                    cand: np.ndarray, idx: np.ndarray, col: int) -> None:
+    """The k most similar members of centroid c for the unit rows ``q`` (rows ``idx`` of the slice)
+    into columns col..col+k of ``sims`` and ``cand`` (fewer members: the rest stay -inf)."""
+    m = index.members[c]
+    if m.size == 0:
+        return
+    s = q @ index.member_rows[c].T  # (queries, members of c)
+    mine = np.flatnonzero(own >= 0)
+    mine = mine[index.owner[own[mine]] == c]
+    s[mine, index.slot[own[mine]]] = -np.inf  # a row is not its own neighbour
+    take = min(k, m.size)  # argpartition: on rows of about 100, faster than _top_columns' passes
+    top = np.argpartition(s, m.size - take, axis=1)[:, -take:] if take < m.size else _top_columns(s, take)
+    sims[idx, col:col + take] = np.take_along_axis(s, top, axis=1)
+    cand[idx, col:col + take] = m[top]
 
 
 def _nearest_centroids(sims: np.ndarray, probes: int) -> np.ndarray:
@@ -133,25 +201,6 @@ def _nearest_centroids(sims: np.ndarray, probes: int) -> np.ndarray:
         out[:, j] = np.argmax(sims, axis=1)
         sims[rows, out[:, j]] = -np.inf
     return out
-
-
-def _search_clusters(tasks, q: np.ndarray, own: np.ndarray, owner: np.ndarray, slot: np.ndarray, members,
-                     member_rows, k: int, sims: np.ndarray, cand: np.ndarray) -> None:
-    """For each (probe j, centroid c, query rows idx): the k most similar members of c into columns
-    j*k..(j+1)*k of ``sims`` and ``cand`` (fewer members: the rest stay -inf)."""
-    for j, c, idx in tasks:
-        m = members[c]
-        if m.size == 0:
-            continue
-        s = q[idx] @ member_rows[c].T  # (queries, members of c)
-        o = own[idx]
-        mine = np.flatnonzero(o >= 0)
-        mine = mine[owner[o[mine]] == c]
-        s[mine, slot[o[mine]]] = -np.inf  # a row is not its own neighbour
-        take = min(k, m.size)  # argpartition: on rows of about 100, faster than _top_columns' passes
-        top = np.argpartition(s, m.size - take, axis=1)[:, -take:] if take < m.size else _top_columns(s, take)
-        sims[idx, j * k:j * k + take] = np.take_along_axis(s, top, axis=1)
-        cand[idx, j * k:j * k + take] = m[top]
 
 
 def _top_columns(s: np.ndarray, k: int) -> np.ndarray:
@@ -196,14 +245,18 @@ def knn_split(features, labels, *, k: int = K, reference: int = REFERENCE, seed:
 
 
 def knn_counts(features, labels, *, k: int = K, reference: int = REFERENCE, seed: int = 0,
-               exact_max: int = EXACT_MAX) -> tuple[np.ndarray, np.ndarray, int]:
+               exact_max: int = EXACT_MAX, stop: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Per row, how many of its k nearest neighbours carry its label (``own``, (N,)) and the count of
-    the most frequent *other* label among them (``other``, (N,), 0 when all agree); and k as used."""
+    the most frequent *other* label among them (``other``, (N,), 0 when all agree); and k as used.
+    ``stop``: when set (by a caller that runs this beside other work and failed), the search ends
+    after the current block and the counts are incomplete."""
     labels = np.asarray(labels, dtype=np.int64)
     own = np.empty(labels.size, dtype=np.int64)
     other = np.empty(labels.size, dtype=np.int64)
     used = k
     for lo, nb in neighbour_labels(features, labels, k=k, reference=reference, seed=seed, exact_max=exact_max):
+        if stop is not None and stop.is_set():
+            break
         y = labels[lo:lo + nb.shape[0]]
         same = nb == y[:, None]
         counts = (nb[:, :, None] == nb[:, None, :]).sum(axis=2)  # each neighbour's label's count

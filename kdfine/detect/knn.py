@@ -68,6 +68,13 @@ def reference_rows(n: int, reference: int = REFERENCE, seed: int = 0) -> np.ndar
     return np.sort(np.random.default_rng(seed).choice(n, reference, replace=False))
 
 
+def reference_positions(ref: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(n,) each of ``rows``' position in the sorted reference set ``ref``, or -1 where it is not a
+    reference row (a reference row is not its own neighbour)."""
+    pos = np.minimum(np.searchsorted(ref, rows), ref.size - 1)
+    return np.where(ref[pos] == rows, pos, -1)
+
+
 def neighbour_labels(features, labels: np.ndarray, *, k: int = K, reference: int = REFERENCE, seed: int = 0,
                      block: int = BLOCK, exact_max: int = EXACT_MAX) -> Iterator[tuple[int, np.ndarray]]:
     """``(lo, nb)`` per block of rows: nb (b, k) the labels of rows lo..lo+b-1's k nearest reference
@@ -86,10 +93,9 @@ def neighbour_labels(features, labels: np.ndarray, *, k: int = K, reference: int
         return
     for lo, rows in row_blocks(features, block):
         sims = _normalised(rows) @ refx.T  # (b, reference)
-        q = np.arange(lo, lo + rows.shape[0])
-        pos = np.minimum(np.searchsorted(ref, q), ref.size - 1)
-        own = ref[pos] == q
-        sims[np.flatnonzero(own), pos[own]] = -np.inf  # a row is not its own neighbour
+        own = reference_positions(ref, np.arange(lo, lo + rows.shape[0]))
+        mine = np.flatnonzero(own >= 0)
+        sims[mine, own[mine]] = -np.inf  # a row is not its own neighbour
         top = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]  # no negated copy of the block
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         yield lo, ref_labels[np.take_along_axis(top, order, axis=1)]
@@ -162,8 +168,7 @@ def _search_slice(index: _ClusterIndex, rows: np.ndarray, lo: int, k: int, out: 
     order = np.argsort(near[:, 0], kind="stable")
     q = scratch.unit_rows(rows, order)  # q[i] is rows[order[i]]
     near, rows_at = near[order], lo + order
-    pos = np.minimum(np.searchsorted(ref, rows_at), ref.size - 1)
-    own = np.where(ref[pos] == rows_at, pos, -1)  # each row's position in the reference set, or -1
+    own = reference_positions(ref, rows_at)
     sims = np.full((n, probes * k), -np.inf, dtype=np.float32)
     cand = np.zeros((n, probes * k), dtype=np.int64)  # positions in the reference set
     for j in range(probes):

@@ -117,7 +117,11 @@ def main(reqs: list[str]) -> int:
     groups, built = split(items)
     editable += built
     jobs = [subprocess.Popen([*PIP, "--no-deps", *g]) for g in groups]
-    jobs += [subprocess.Popen([*PIP, "--no-deps", "-e", path]) for path in editable]
+    # setuptools warns about every editable install (folders named like the package may shadow it), a
+    # screenful in each `make test`; the project is installed from its own checkout, where that is so
+    quiet = {**os.environ, "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                                  "ignore:Editable installation"]))}
+    jobs += [subprocess.Popen([*PIP, "--no-deps", "-e", path], env=quiet) for path in editable]
     codes = [j.wait() for j in jobs]
     return next((c for c in codes if c != 0), 0)
 

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -316,3 +317,26 @@ def test_distillation_records_its_teachers_precision(tmp_path, digits_teacher):
     assert "precision fp32 (--precision fp32); teachers in fp32" in r.stderr
     config = config_of(out)
     assert (config["precision"], config["teacher_precision"]) == ("fp32", "fp32")
+
+
+# ------------------------------------------------------------------------------- what a run records
+
+
+def test_bf16_training_records_the_accuracy_that_eval_reports():
+    """Where ``auto`` trains in bf16 on a CPU (native bf16 and a probe that pays), the test and
+    validation passes and the BatchNorm re-estimation still run as ``kdfine eval`` runs (fp32), so the
+    accuracy the run records is the one eval reports for the written weights. The bf16 steps are
+    given here (``Job.precision``), so this holds on any CPU."""
+    from conftest import digits_slice, tiny_cnn
+    from kdfine.options import TrainConfig
+    from kdfine.train.loop import Job, RunFiles, evaluate, fit
+    from kdfine.train.progress import Reporter
+
+    train, test = digits_slice(320, 200)
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=3, lr=0.05, bn_stats="recompute", val_fraction=0.2)
+    run = fit(Job(tiny_cnn(train, 3), train, CPU, test=test, precision=("bf16", "bf16"),
+                  val_index=np.arange(0, 320, 5)), cfg, RunFiles(reporter=Reporter(quiet=True)))
+    assert run.batchnorm is not None and run.batchnorm["images"] > 0
+    m = evaluate(run.model, test, CPU)  # what eval computes: precision auto, fp32 on a CPU
+    assert m["top1"] == run.test["top1"] and m["nll"] == pytest.approx(run.test["nll"], rel=1e-12)
+    assert evaluate(run.model, test, CPU, "bf16")["nll"] != m["nll"]  # the two precisions do differ here

@@ -130,8 +130,10 @@ def test_validation_split_is_stratified_seeded_and_within_keep():
 def test_keep_best_val_returns_the_best_validation_epoch_and_resumes_with_it(digits, tmp_path):
     train, test = digits
     tr_idx, val_idx = split_validation(train.labels, 0.25, seed=1)
-    # bn_stats keep: the returned weights are exactly the best epoch's (test_batchnorm covers re-estimation)
-    cfg = _cfg(epochs=5, lr=0.8, schedule="constant", val_fraction=0.25, keep_best="val", bn_stats="keep")
+    # bn_stats keep: the returned weights are exactly the best epoch's (test_batchnorm covers re-estimation);
+    # fp32: this seed's history is the one described below (auto trains in bf16 on a CPU with native bf16)
+    cfg = _cfg(epochs=5, lr=0.8, schedule="constant", val_fraction=0.25, keep_best="val", bn_stats="keep",
+               precision="fp32")
     run = dict(device=CPU, test=test, selection=tr_idx, val_index=val_idx)
     ref = fit(Job(_model(train), train, **run), cfg, RunFiles(reporter=QUIET))
     val_acc = [h["val_acc"] for h in ref.history]

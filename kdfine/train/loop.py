@@ -31,7 +31,7 @@ from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError, Interrupted, UsageError
 from kdfine.features import extract
 from kdfine.runtime import distributed
-from kdfine.runtime.device import teacher_precision, training_precision, use_channels_last
+from kdfine.runtime.device import resolve_precision, teacher_precision, training_precision, use_channels_last
 from kdfine.runtime.signals import StopFlag
 from kdfine.train import batchnorm, resume
 from kdfine.train.optim import lr_function
@@ -201,7 +201,7 @@ def _settle_batchnorm(run: _Run, result: FitResult) -> dict[str, Any] | None:
     for model, g in zip(run.strategy.models, lags):
         if g is not None:
             used = batchnorm.recompute(model, g.names, job.train.images, index, job.train.mean, job.train.std,
-                                       device=s.device, batch_size=cfg.batch_size, precision=s.precision,
+                                       device=s.device, batch_size=cfg.batch_size, precision=s.eval_precision,
                                        channels_last=s.channels_last)
     worst = min((g for g in lags if g is not None), key=lambda g: g.share)
     done = {"images": used, **worst.record()}
@@ -238,6 +238,7 @@ def _setup(job: Job, cfg: Any) -> TrainSetup:
     s = TrainSetup(cfg, job.model, job.train, device, precision, t_precision, channels_last, job.teacher,
                    job.selection, job.truth)
     s.make_model, s.stream = job.make_model, job.stream
+    s.eval_precision = resolve_precision(cfg.precision, device)  # as `kdfine eval` would run (TrainSetup)
     return s
 
 
@@ -315,7 +316,8 @@ def _finish_epoch(run: _Run, epoch: int, rec: dict[str, Any], history: list[dict
     and the resume state. Returns the test metrics when this was the last epoch, else {}."""
     cfg, last = run.cfg, {}
     if run.val is not None:
-        v = evaluate(run.strategy.models[0], run.val, run.setup.device, run.setup.precision, run.setup.channels_last)
+        v = evaluate(run.strategy.models[0], run.val, run.setup.device, run.setup.eval_precision,
+                     run.setup.channels_last)
         rec.update(val_acc=v["top1"], val_nll=v["nll"])
         if cfg.keep_best == "val":
             run.best.offer(epoch + 1, v["top1"], run.strategy.models[0])

@@ -29,7 +29,10 @@ class TrainSetup:
     ``truth``: true labels (N,) or None, only to report the quality of FINE selections;
     ``make_model(seed)``: a new network of the same architecture (two-network strategies);
     ``stream``: batches streamed from the decode cache (True), held on the device (False), or
-    chosen by the memory budget (None, :func:`kdfine.data.batches.should_stream`)."""
+    chosen by the memory budget (None, :func:`kdfine.data.batches.should_stream`).
+    ``eval_precision``: the precision of the test and validation passes and of the BatchNorm
+    re-estimation, the one ``kdfine eval`` uses by default (fp32 on a CPU under ``auto`` even where
+    the steps train in bf16), so that the accuracy a checkpoint records is the one eval reports."""
 
     cfg: Any
     model: nn.Module
@@ -43,6 +46,7 @@ class TrainSetup:
     truth: np.ndarray | None = None
     make_model: Callable[[int], nn.Module] | None = None
     stream: bool | None = None
+    eval_precision: str = "fp32"
 
 
 class Strategy:
@@ -105,7 +109,7 @@ class Strategy:
 
 def test_logits(s: TrainSetup, model: nn.Module, data: ArrayDataset) -> np.ndarray:
     """Logits (N, K) of ``model`` on ``data``, normalised with the statistics ``data`` carries."""
-    _, logits = extract(model, data.images, data.mean, data.std, device=s.device, precision=s.precision,
+    _, logits = extract(model, data.images, data.mean, data.std, device=s.device, precision=s.eval_precision,
                         channels_last=s.channels_last, features=False)
     return logits
 

@@ -44,8 +44,8 @@ import warnings
 
 import numpy as np
 
-from kdfine.detect.base import (DETECTORS, ClassSplit, Detection, FineWarning, NonFiniteFeatures, as_labels,
-                                check_labels, groups_of, is_torch)
+from kdfine.detect.base import (DETECTORS, ClassSplit, Detection, FineWarning, NonFiniteFeatures, Scratch, as_labels,
+                                check_labels, gather, groups_of, is_torch)
 from kdfine.files.rows import CHUNK, row_blocks
 from kdfine.runtime.threads import Workers, cpu_threads, row_slices, thread_limit
 
@@ -89,7 +89,7 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     part = np.zeros((num_classes, d, d), dtype=np.float32)
     pending = np.zeros(num_classes, dtype=np.int64)
     threads = cpu_threads()
-    scratch = [_Scratch() for _ in range(threads)]
+    scratch = [Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
             yc = labels[lo:lo + block.shape[0]]
@@ -107,35 +107,6 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     return grams
 
 
-class _Scratch:
-    """One worker thread's reused buffers: a class's rows gathered from a block (float32, and float64
-    for the scores) and the D x D product. A fresh array per class and block costs its page faults
-    every time (the gather alone ran 4x slower than into a reused buffer: 31 against 8.5 CPU ms per
-    16,384 x 512 block)."""
-
-    def __init__(self):
-        self.arrays: dict[tuple, np.ndarray] = {}
-
-    def get(self, name: str, rows: int, shape: tuple, dtype) -> np.ndarray:
-        """A C-contiguous (rows,) + shape view of buffer ``name``, grown (never shrunk) as needed."""
-        key = (name, shape, np.dtype(dtype).str)
-        buf = self.arrays.get(key)
-        if buf is None or buf.shape[0] < rows:
-            buf = self.arrays[key] = np.empty((max(rows, 2 * (0 if buf is None else buf.shape[0])),) + shape, dtype)
-        return buf[:rows]
-
-
-def _gather(block: np.ndarray, idx: np.ndarray, scratch: _Scratch, dtype) -> np.ndarray:
-    """``block[idx]`` as ``dtype`` in ``scratch``'s reused buffer (valid until its next use)."""
-    shape = block.shape[1:]
-    if block.dtype == dtype:
-        return np.take(block, idx, axis=0, out=scratch.get("rows", idx.size, shape, dtype))
-    src = np.take(block, idx, axis=0, out=scratch.get("src", idx.size, shape, block.dtype))
-    out = scratch.get("rows", idx.size, shape, dtype)
-    out[...] = src
-    return out
-
-
 def _block_rows(features, chunk: int | None) -> int:
     """Rows per block of a pass: ``chunk``, else GRAM_CHUNK for arrays and memmaps, CHUNK for tensors."""
     if chunk is not None:
@@ -144,13 +115,13 @@ def _block_rows(features, chunk: int | None) -> int:
 
 
 def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray,
-               scratch: _Scratch) -> None:
+               scratch: Scratch) -> None:
     # numpy's matmul releases the GIL (scipy's f2py syrk does not, which left one core idle) and
     # calls syrk for xk.T @ xk; the rows and the product go into the thread's reused buffers.
     d = block.shape[1]
     prod = scratch.get("prod", d, (d,), np.float32)
     for k, idx in groups:
-        xk = _gather(block, idx, scratch, np.float32)
+        xk = gather(block, idx, scratch, np.float32)
         np.matmul(xk.T, xk, out=prod)
         part[k] += prod
         pending[k] += idx.size
@@ -229,7 +200,7 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int | None = 
             scores[lo:lo + chunk] = s.cpu().numpy()
         return np.clip(scores, 0.0, 1.0)
     threads = cpu_threads()
-    scratch = [_Scratch() for _ in range(threads)]
+    scratch = [Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
         for lo, block in row_blocks(features, chunk):
             pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b], scratch[w])
@@ -241,15 +212,15 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int | None = 
 
 
 def _score_rows(x: np.ndarray, labels: np.ndarray, u: np.ndarray, out: np.ndarray,
-                scratch: _Scratch | None = None) -> None:
+                scratch: Scratch | None = None) -> None:
     """``out[i] = |<u[labels[i]], x[i]>| / ||x[i]||`` in float64 (0 for zero rows, NaN for rows with
     NaN or inf: their norm is not finite); rows grouped by class, so that each class is one
     matrix-vector product."""
-    scratch = scratch or _Scratch()
+    scratch = scratch or Scratch()
     dots = np.empty(x.shape[0])
     norms = np.empty(x.shape[0])
     for k, idx in groups_of(labels):
-        xk = _gather(x, idx, scratch, np.float64)
+        xk = gather(x, idx, scratch, np.float64)
         dots[idx] = xk @ u[k]
         norms[idx] = np.sqrt(np.einsum("nd,nd->n", xk, xk))
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -41,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kdfine.detect.base import DETECTORS, Detection, class_report, groups_of
+from kdfine.detect.base import DETECTORS, Detection, Scratch, class_report, gather, groups_of
 from kdfine.files.rows import row_blocks, take_rows
 from kdfine.runtime.threads import Workers, cpu_threads, row_slices
 
@@ -56,10 +56,12 @@ CLUSTER_BLOCK = 32768  # query rows per block of the clustered search, one slice
 # for knn at 1M x 512 against 11.3-11.5 with blocks of 16,384, whose slices' many small products cost more)
 
 
-def _normalised(x: np.ndarray) -> np.ndarray:
+def _normalised(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The rows of ``x`` (n, D) scaled to unit L2 norm as float32 (zero rows stay zero), into ``out``
+    if given (it may be ``x`` itself)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.sqrt(np.einsum("nd,nd->n", x, x))
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+    return np.divide(x, np.maximum(norms, np.finfo(np.float32).tiny)[:, None], out=out)
 
 
 def reference_rows(n: int, reference: int = REFERENCE, seed: int = 0) -> np.ndarray:
@@ -113,7 +115,7 @@ def _clustered_labels(features, ref: np.ndarray, refx: np.ndarray, ref_labels: n
     threads = cpu_threads()
     with Workers(threads) as pool:  # its BLAS limit also keeps the k-means' products on one thread
         index = _ClusterIndex(refx, _spherical_kmeans(refx, min(CLUSTERS, refx.shape[0]), seed), ref, ref_labels)
-        scratch = [_Scratch() for _ in range(threads)]
+        scratch = [Scratch() for _ in range(threads)]
         for lo, rows in row_blocks(features, CLUSTER_BLOCK):
             nb = np.empty((rows.shape[0], k), dtype=ref_labels.dtype)
             pool.run(_search_slice, [(index, rows[a:b], lo + a, k, nb[a:b], scratch[w])
@@ -137,28 +139,7 @@ class _ClusterIndex:
         self.probes = min(PROBES, centroids.shape[0])
 
 
-class _Scratch:
-    """One worker thread's reused float32 buffer for its normalised rows (a fresh 2 GB of arrays
-    over a 1M x 512 search paid its page faults on one core: 2 of the search's 12 s)."""
-
-    def __init__(self):
-        self.buf = np.empty((0, 0), dtype=np.float32)
-
-    def unit_rows(self, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """``rows[order]`` (n, D) scaled to unit L2 norm (zero rows stay zero), as float32, in the buffer."""
-        if self.buf.shape[0] < rows.shape[0] or self.buf.shape[1] != rows.shape[1]:
-            self.buf = np.empty(rows.shape, dtype=np.float32)
-        q = self.buf[:rows.shape[0]]
-        if rows.dtype == np.float32:
-            np.take(rows, order, axis=0, out=q)
-        else:
-            q[...] = rows[order]
-        norms = np.sqrt(np.einsum("nd,nd->n", q, q))
-        q /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
-        return q
-
-
-def _search_slice(index: _ClusterIndex, rows: np.ndarray, lo: int, k: int, out: np.ndarray, scratch: _Scratch) -> None:
+def _search_slice(index: _ClusterIndex, rows: np.ndarray, lo: int, k: int, out: np.ndarray, scratch: Scratch) -> None:
     """``out`` (n, k): the labels of the k most similar members of the ``index.probes`` clusters
     nearest to each of ``rows`` (n, D), nearest first; rows lo..lo+n-1 of the features (a row that
     is a reference row is not its own neighbour)."""
@@ -167,7 +148,8 @@ def _search_slice(index: _ClusterIndex, rows: np.ndarray, lo: int, k: int, out: 
     # rows be written in the order of their nearest centroid, so that its products read them in place
     near = _nearest_centroids(np.asarray(rows, np.float32) @ index.centroids.T, probes)  # (n, probes)
     order = np.argsort(near[:, 0], kind="stable")
-    q = scratch.unit_rows(rows, order)  # q[i] is rows[order[i]]
+    q = gather(rows, order, scratch, np.float32)  # q[i] is rows[order[i]], in a reused buffer (a fresh
+    q = _normalised(q, out=q)  # 2 GB of arrays over a 1M x 512 search paid its page faults: 2 of 12 s)
     near, rows_at = near[order], lo + order
     own = reference_positions(ref, rows_at)
     sims = np.full((n, probes * k), -np.inf, dtype=np.float32)

@@ -31,7 +31,7 @@ from kdfine.data.sources import ArrayDataset
 from kdfine.errors import InputError, Interrupted, UsageError
 from kdfine.features import extract
 from kdfine.runtime import distributed
-from kdfine.runtime.device import resolve_precision, teacher_precision, training_precision, use_channels_last
+from kdfine.runtime.device import teacher_precision, training_precision, use_channels_last
 from kdfine.runtime.signals import StopFlag
 from kdfine.train import batchnorm, resume
 from kdfine.train.optim import lr_function
@@ -238,7 +238,6 @@ def _setup(job: Job, cfg: Any) -> TrainSetup:
     s = TrainSetup(cfg, job.model, job.train, device, precision, t_precision, channels_last, job.teacher,
                    job.selection, job.truth)
     s.make_model, s.stream = job.make_model, job.stream
-    s.eval_precision = resolve_precision(cfg.precision, device)  # as `kdfine eval` would run (TrainSetup)
     return s
 
 

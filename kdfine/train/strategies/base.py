@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdfine.runtime import distributed
+from kdfine.runtime.device import resolve_precision
 from kdfine import metrics
 from kdfine.data.sources import ArrayDataset
 from kdfine.features import extract
@@ -30,9 +31,8 @@ class TrainSetup:
     ``make_model(seed)``: a new network of the same architecture (two-network strategies);
     ``stream``: batches streamed from the decode cache (True), held on the device (False), or
     chosen by the memory budget (None, :func:`kdfine.data.batches.should_stream`).
-    ``eval_precision``: the precision of the test and validation passes and of the BatchNorm
-    re-estimation, the one ``kdfine eval`` uses by default (fp32 on a CPU under ``auto`` even where
-    the steps train in bf16), so that the accuracy a checkpoint records is the one eval reports."""
+    :attr:`eval_precision`: the precision of the test and validation passes and of the BatchNorm
+    re-estimation."""
 
     cfg: Any
     model: nn.Module
@@ -46,7 +46,13 @@ class TrainSetup:
     truth: np.ndarray | None = None
     make_model: Callable[[int], nn.Module] | None = None
     stream: bool | None = None
-    eval_precision: str = "fp32"
+
+    @property
+    def eval_precision(self) -> str:
+        """The precision ``kdfine eval`` uses by default on this device (fp32 on a CPU under ``auto``,
+        even where the steps train in bf16), so that the accuracy a checkpoint records is the one
+        eval reports for it."""
+        return resolve_precision(self.cfg.precision, self.device)
 
 
 class Strategy:

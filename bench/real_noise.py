@@ -178,9 +178,9 @@ def label_set(run: rf.Runner, s: rf.Setup, name: str, args: argparse.Namespace) 
 
 def retrain_all(run: rf.Runner, s: rf.Setup, sets: list[tuple[str, Path]], args: argparse.Namespace) -> None:
     """Step 3, row by row (both seeds and label sets of a row before the next row), in the order of
-    :data:`ROWS`: an interrupted run has whole rows of the most asked-for ones. A detector's
+    ``--rows`` (default :data:`ROWS`): an interrupted run has whole rows of the most asked-for ones. A detector's
     kept-index CSV is rewritten from today's code before the first model trains on it."""
-    for row in ROWS:
+    for row in args.rows:
         for seed in args.seeds:
             for name, d in sets:
                 labels = Path(args.labels_dir) / f"{name}.npy"
@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=16, help="images resized to this [default: 16]")
     p.add_argument("--per-class", type=int, default=500, help="training images per class [default: 500]")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the accuracy rows [default: 0 1]")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW",
+                   help=f"the accuracy rows to train, in this order [default: all: {' '.join(ROWS)}]")
     p.add_argument("--detect-only", action="store_true", help="steps 1 and 2 only")
     p.add_argument("--cifar-root", help="the CIFAR-10 JPEG ImageFolder tree [default: the archive, extracted]")
     p.add_argument("--archive", default=str(SHARED / "data" / "cifar10-jpeg.tar.gz"))

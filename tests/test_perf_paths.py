@@ -7,6 +7,7 @@ channels_last step against the plain NCHW step on the same batch.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -46,6 +47,53 @@ def test_row_blocks_read_a_file_like_the_array(tmp_path):
     np.testing.assert_array_equal(np.concatenate(tail), x[10:])
 
 
+@pytest.mark.parametrize("readers", [2, 3])
+def test_row_blocks_with_several_readers_read_the_same_rows(tmp_path, readers):
+    x, _ = synthetic(n=1001, d=7)
+    np.save(tmp_path / "f.npy", x)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    got = np.concatenate([b.copy() for _, b in rows.row_blocks(mm[3:], chunk=100, readers=readers)])
+    np.testing.assert_array_equal(got, x[3:])
+
+
+def test_row_blocks_name_the_row_where_a_shrunk_file_ends(tmp_path):
+    """A file cut short while it is read: EOFError with the first missing row, not zeros."""
+    x, _ = synthetic(n=1000, d=8)
+    path = tmp_path / "f.npy"
+    np.save(path, x)
+    mm = np.load(path, mmap_mode="r")
+    header = path.stat().st_size - x.nbytes
+    blocks = rows.row_blocks(mm, chunk=100, readers=2)
+    next(blocks)
+    with open(path, "r+b") as f:
+        f.truncate(header + 250 * x[0].nbytes + 5)  # rows 0-249 whole, row 250 cut
+    with pytest.raises(EOFError, match="before row 250"):
+        for _ in blocks:
+            pass
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_syrk_add_adds_the_product_into_the_upper_triangle(monkeypatch, native):
+    from kdfine.runtime import blas
+
+    monkeypatch.setattr(blas, "_native", functools.cache(lambda: None) if not native else blas._native)
+    if native and blas._libraries():  # numpy's wheels bundle OpenBLAS: the fast path must be the one taken
+        assert blas.native()
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((301, 64)).astype(np.float32)
+    c = rng.standard_normal((64, 64)).astype(np.float32)
+    want = c.astype(np.float64) + a.T.astype(np.float64) @ a
+    blas.syrk_add(c, a)
+    upper = np.triu_indices(64)
+    np.testing.assert_allclose(c[upper], want[upper], rtol=1e-5, atol=1e-4)
+    blas.syrk_add(c, a[:0])  # no rows: nothing added
+    np.testing.assert_allclose(c[upper], want[upper], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="float32"):
+        blas.syrk_add(c.astype(np.float64), a)
+    with pytest.raises(ValueError, match="do not match"):
+        blas.syrk_add(c, a[:, :10].copy())
+
+
 def test_streamed_file_is_not_resident(tmp_path):
     """Reading a 256 MB dump block by block leaves the resident set far below its size."""
     path = tmp_path / "big.npy"
@@ -64,9 +112,14 @@ def test_streamed_file_is_not_resident(tmp_path):
     assert int(r.stdout) < 200, f"peak RSS {r.stdout.strip()} MB while streaming a 256 MB file"
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("k, flush", [(1, 64), (5, 8192), (40, 8)])
-def test_grams_match_the_direct_products(monkeypatch, k, flush):
+def test_grams_match_the_direct_products(monkeypatch, k, flush, native):
+    from kdfine.runtime import blas
+
     monkeypatch.setattr(fine, "FLUSH_ROWS", flush)
+    if not native:  # numpy's two steps, where numpy's bundled BLAS is not found
+        monkeypatch.setattr(blas, "_native", functools.cache(lambda: None))
     x, y = synthetic(n=2500, d=48, k=k)
     mask = np.random.default_rng(1).random(len(y)) < 0.7
     grams = fine.class_grams(x, y, k, subset=mask, chunk=300)

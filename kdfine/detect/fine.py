@@ -3,13 +3,14 @@
 For features z_i (N, D) and labels y_i:
 
 1. u_k = principal eigenvector of the uncentred class gram G_k = sum_{i: y_i = k} z_i z_i^T,
-   accumulated over blocks of ``GRAM_CHUNK`` rows (float32 BLAS ``syrk`` on each class's rows of a
-   block, gathered into a reused buffer, into a per-class float32 partial sum that is added to a
-   float64 total every ``FLUSH_ROWS`` rows), so an N x D file larger than RAM works; then the top
-   eigenpair of each D x D gram in float64 (Lanczos, checked, with ``eigh`` as the fallback).
-   The float32 partial sums leave the gram 1.5-3e-7 (relative) from the exact float64 gram of
-   the same float32 features, and u_k 5.6e-9 from its top eigenvector (measured on the 1M x 512
-   benchmark file).
+   accumulated over blocks of ``GRAM_CHUNK`` rows (each class's rows of a block, gathered into a
+   reused buffer, added by float32 BLAS ``syrk`` into the upper triangle of a per-class float32
+   partial sum (:func:`kdfine.runtime.blas.syrk_add`), which joins a float64 total every
+   ``FLUSH_ROWS`` rows), so an N x D file larger than RAM works; then the top eigenpair of each
+   D x D gram in float64 (Lanczos, checked, with ``eigh`` as the fallback). The float32 partial
+   sums leave the gram 0.9-2.4e-7 (relative, max entry) from the exact float64 gram of the same
+   float32 features and u_k within 2.2e-9 of its top eigenvector (all 100 classes of the 1M x 512
+   benchmark file; numpy's two-step fallback: 0.6-2.0e-7 and 2.0e-9).
 2. score_i = |<u_{y_i}, z_i / ||z_i||>| in [0, 1].
 3. Per class, a 2-component Gaussian mixture on the scores (full covariance, tol 1e-6, k-means
    initialisation seeded with ``seed``: scikit-learn's ``GaussianMixture`` fit, reproduced (tested to
@@ -32,8 +33,8 @@ residual) would skip the N D^2 gram. But a residual certificate of 1e-10 needs f
 lambda_9 / lambda_1 = 3e-3) both needed 5 passes over the 2 GB (simulated on the exact class grams,
 blocks of 4 to 16 vectors). One float64 pass with an 8-vector block cost 2.1 CPU s (gather, convert,
 two products, row norms), so 10.5 CPU s against 10.4 for the gram pass and the score pass: no gain.
-The gram pass is bounded by syrk's rate here (27-29 G multiply-adds/s per core: 4.6-4.9 CPU s for the
-1.3e11 multiply-adds of 1M x 512).
+The gram pass is bounded by syrk's rate (27-29 G multiply-adds/s per core on a Zen 3, 34-38 on a
+Zen 4 with AVX-512: 3.4-4.9 CPU s for the 1.3e11 multiply-adds of 1M x 512).
 
 Registered detectors: ``gmm`` (the official method) and ``kmeans``.
 """
@@ -47,6 +48,7 @@ import numpy as np
 from kdfine.detect.base import (DETECTORS, ClassSplit, Detection, FineWarning, NonFiniteFeatures, Scratch, as_labels,
                                 check_labels, gather, groups_of, is_torch)
 from kdfine.files.rows import CHUNK, row_blocks
+from kdfine.runtime.blas import syrk_add
 from kdfine.runtime.threads import Workers, cpu_threads, row_slices, thread_limit
 
 GRAM_CHUNK = 65536  # rows per block of both passes over a numpy/memmap input: more rows per class and product
@@ -91,7 +93,7 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     threads = cpu_threads()
     scratch = [Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
-        for lo, block in row_blocks(features, chunk):
+        for lo, block in row_blocks(features, chunk, readers=threads):
             yc = labels[lo:lo + block.shape[0]]
             if mask is not None:
                 m = mask[lo:lo + block.shape[0]]
@@ -102,8 +104,9 @@ def class_grams(features, labels: np.ndarray, num_classes: int, subset: np.ndarr
     for k in np.flatnonzero(pending):
         grams[k] += part[k]
     del part
-    for g in grams:  # exactly symmetric, whatever the BLAS rounded (one class at a time: no copy of all)
-        g[:] = (g + g.T) / 2
+    lower = np.tril_indices(d, -1)
+    for g in grams:  # the sums hold the upper triangle (syrk_add): mirrored, one class at a time
+        g[lower] = g.T[lower]
     return grams
 
 
@@ -116,14 +119,12 @@ def _block_rows(features, chunk: int | None) -> int:
 
 def _add_grams(groups, block: np.ndarray, part: np.ndarray, grams: np.ndarray, pending: np.ndarray,
                scratch: Scratch) -> None:
-    # numpy's matmul releases the GIL (scipy's f2py syrk does not, which left one core idle) and
-    # calls syrk for xk.T @ xk; the rows and the product go into the thread's reused buffers.
+    # each class's rows are gathered into the thread's reused buffer and syrk adds their product
+    # into the class's float32 sum (upper triangle), outside the GIL
     d = block.shape[1]
     prod = scratch.get("prod", d, (d,), np.float32)
     for k, idx in groups:
-        xk = gather(block, idx, scratch, np.float32)
-        np.matmul(xk.T, xk, out=prod)
-        part[k] += prod
+        syrk_add(part[k], gather(block, idx, scratch, np.float32), prod)
         pending[k] += idx.size
         if pending[k] >= FLUSH_ROWS:
             grams[k] += part[k]
@@ -202,7 +203,7 @@ def alignment_scores(features, labels, vectors: np.ndarray, chunk: int | None = 
     threads = cpu_threads()
     scratch = [Scratch() for _ in range(threads)]
     with Workers(threads) as pool:
-        for lo, block in row_blocks(features, chunk):
+        for lo, block in row_blocks(features, chunk, readers=threads):
             pool.run(_score_rows, [(block[a:b], labels[lo + a:lo + b], u, scores[lo + a:lo + b], scratch[w])
                                    for w, (a, b) in enumerate(row_slices(block.shape[0], threads))])
     bad = np.flatnonzero(np.isnan(scores))

@@ -9,6 +9,7 @@ into one reused buffer (:func:`row_blocks`), and scattered rows with ``preadv``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -98,10 +99,12 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def row_blocks(features, chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+def row_blocks(features, chunk: int = CHUNK, readers: int = 1) -> Iterator[tuple[int, np.ndarray]]:
     """``(lo, rows)`` for consecutive blocks of up to ``chunk`` rows of an (N, D) array, in its own
-    dtype. A file-backed memmap is read with ``readinto`` into one reused buffer (so ``rows`` is only
-    valid until the next block): touching a mapping instead would leave every page read resident.
+    dtype. A file-backed memmap is read with positional reads into one reused buffer (so ``rows``
+    is only valid until the next block), ``readers`` threads each reading a slice of a block (the
+    page cache's copy is per thread: two readers took 0.2 s per 2 GB here, one 0.38 s): touching
+    a mapping instead would leave every page read resident.
     """
     n = features.shape[0]
     src = None if _is_torch(features) else file_rows(features)
@@ -112,19 +115,36 @@ def row_blocks(features, chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]
         return
     path, offset = src
     buf = np.empty((max(min(chunk, n), 1),) + features.shape[1:], dtype=features.dtype)
-    with open(path, "rb", buffering=0) as f:
+    row_bytes = max(buf[0].nbytes, 1)
+    with open(path, "rb", buffering=0) as f, contextlib.ExitStack() as stack:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        f.seek(offset)
+        pool = None
+        if readers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = stack.enter_context(ThreadPoolExecutor(readers))
         for lo in range(0, n, chunk):
             rows = buf[:min(chunk, n - lo)]
-            view, got = memoryview(rows).cast("B"), 0
-            while got < view.nbytes:
-                k = f.readinto(view[got:])
-                if not k:
-                    raise EOFError(f"{path}: file ends before row {lo + got // max(rows[0].nbytes, 1)}")
-                got += k
+            view, start = memoryview(rows).cast("B"), offset + lo * row_bytes
+            cuts = [view.nbytes * w // max(readers, 1) for w in range(max(readers, 1) + 1)]
+            parts = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+            ends = list(pool.map(lambda ab: _pread(f.fileno(), view, start, *ab), parts)) if pool else \
+                [_pread(f.fileno(), view, start, a, b) for a, b in parts]
+            short = next((end for (_, b), end in zip(parts, ends) if end < b), None)
+            if short is not None:
+                raise EOFError(f"{path}: file ends before row {lo + short // row_bytes}")
             yield lo, rows
+
+
+def _pread(fd: int, view: memoryview, start: int, a: int, b: int) -> int:
+    """Bytes ``a:b`` of ``view`` from the file at ``start + a``; the end reached (``b`` unless the file ends)."""
+    while a < b:
+        got = os.preadv(fd, [view[a:b]], start + a)
+        if not got:
+            return a
+        a += got
+    return b
 
 
 def take_rows(features, rows: np.ndarray) -> np.ndarray:
